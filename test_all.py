@@ -1,0 +1,253 @@
+"""Every stage, checked against independent references on CPU.  python -m pytest -q test_all.py"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+torch.set_num_threads(2)
+
+
+def tiny(**overrides):
+    """A small 32 px MAE that still has 12 blocks, so depth schedules are exercised."""
+    base = dict(img_size=32, patch_size=8, width=32, depth=12, heads=2, decoder_width=32, decoder_depth=2,
+                decoder_heads=2)
+    return M.MAEConfig(**{**base, **overrides})
+
+
+def randomise(model, seed=0):
+    """Zero-initialised branches make many checks trivial: give every parameter a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+# ----------------------------------------------------------------------------- alpha
+
+def test_alpha_matches_spec_numbers_for_vit_b():
+    a = M.encoder_alphas(12, "linear", 0.6)
+    assert len(a) == 24
+    # 1 - 0.4 * k / 23 by hand: k=1 -> 0.98261, k=22 -> 0.61739
+    assert (round(a[0], 3), round(a[1], 3)) == (1.000, 0.983)
+    assert (round(a[-2], 3), round(a[-1], 3)) == (0.617, 0.600)
+    assert a[0] == 1.0 and abs(a[-1] - 0.6) < 1e-12
+    assert math.prod(a) == pytest.approx(3.6e-3, rel=0.05)  # SPEC: total decay 3.6e-3 at alpha_min 0.6
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exp", "step"])
+@pytest.mark.parametrize("alpha_min", [0.3, 0.6, 1.0])
+def test_alpha_endpoints_and_monotone(schedule, alpha_min):
+    ts = [i / 100 for i in range(101)]
+    values = [M.alpha(t, schedule, alpha_min) for t in ts]
+    assert values[0] == 1.0 and values[-1] == pytest.approx(alpha_min)
+    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
+
+
+def test_alpha_none_is_the_residual_baseline():
+    assert all(M.alpha(t / 10, "none", 0.5) == 1.0 for t in range(11))
+
+
+@pytest.mark.parametrize("schedule,alpha_min,needle", [("linaer", 0.6, "linear, cosine"), ("linear", 0.0, "(0, 1]"),
+                                                        ("linear", 1.2, "(0, 1]"), ("exp", -1, "(0, 1]")])
+def test_alpha_rejects_bad_input(schedule, alpha_min, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("]", r"\]")):
+        M.alpha(0.5, schedule, alpha_min)
+
+
+def test_alphas_placed_per_sub_layer_and_not_in_state_dict():
+    model = M.MAE(tiny(alpha_schedule="linear", alpha_min=0.7))
+    a = model.alphas
+    assert a == pytest.approx([1 - 0.3 * k / 23 for k in range(24)], abs=1e-12)
+    assert [(b.a_attn, b.a_mlp) for b in model.encoder.blocks] == list(zip(a[::2], a[1::2]))
+    assert all((b.a_attn, b.a_mlp) == (1.0, 1.0) for b in model.decoder_blocks)
+    assert not any("alpha" in k or k.endswith(".a_attn") for k in model.state_dict())
+
+
+# ----------------------------------------------------------------------------- patches, masks, loss
+
+def test_patchify_round_trip_and_layout():
+    imgs = torch.randn(2, 3, 32, 32)
+    patches = M.patchify(imgs, 8)
+    assert patches.shape == (2, 16, 8 * 8 * 3)
+    assert torch.equal(M.unpatchify(patches, 8), imgs)
+    # patch 1 is row 0, columns 8..15; inside it pixels run (row, column, colour)
+    assert torch.equal(patches[0, 1].view(8, 8, 3), imgs[0, :, 0:8, 8:16].permute(1, 2, 0))
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.6, 0.9])
+def test_mask_hides_exact_count_and_encoder_sees_the_rest(ratio):
+    model = M.MAE(tiny())
+    n = 16
+    seen = []
+    model.encoder.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    _, pred, mask = model(torch.randn(3, 3, 32, 32), mask_ratio=ratio)
+    assert (mask.sum(dim=1) == int(n * ratio)).all()
+    assert seen[0] == (3, 1 + n - int(n * ratio), 32)
+    assert pred.shape == (3, n, 8 * 8 * 3)
+
+
+def test_mask_follows_the_noise_given():
+    noise = torch.rand(2, 16)
+    _, _, mask = M.MAE(tiny())(torch.randn(2, 3, 32, 32), mask_ratio=0.75, noise=noise)
+    hidden_by_rank = noise.argsort(dim=1)[:, 4:]  # the 12 largest noise values are hidden
+    assert torch.equal(mask.gather(1, hidden_by_rank), torch.ones(2, 12))
+
+
+def test_loss_ignores_visible_patches():
+    model = M.MAE(tiny())
+    imgs, pred = torch.randn(2, 3, 32, 32), torch.randn(2, 16, 192)
+    mask = torch.zeros(2, 16)
+    mask[:, ::3] = 1
+    changed = M.patchify(imgs, 8).clone()
+    changed[mask == 0] += torch.randn_like(changed[mask == 0]) * 5
+    before = model.loss(imgs, pred, mask)
+    after = model.loss(M.unpatchify(changed, 8), pred, mask)
+    assert torch.allclose(before, after)
+    # and by hand: mean over hidden patches of the squared error to per-patch normalised pixels
+    target = M.patchify(imgs, 8)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    by_hand = ((pred - target) ** 2).mean(-1)[mask == 1].mean()
+    assert torch.allclose(before, by_hand)
+
+
+# ----------------------------------------------------------------------------- blocks and encoder
+
+@pytest.mark.parametrize("schedule", ["linear", "exp", "step"])
+def test_zero_initialised_block_scales_its_input(schedule):
+    model = M.MAE(tiny(alpha_schedule=schedule, alpha_min=0.6))
+    x = torch.randn(2, 5, 32)
+    for block in model.encoder.blocks:
+        assert torch.allclose(block(x), block.a_attn * block.a_mlp * x, atol=1e-6)
+
+
+def plain_vit(imgs, sd, depth, heads, patch):
+    """An independent pre-norm ViT: reshape/permute, explicit softmax attention, weights from a state_dict."""
+    b, c, hgt, wid = imgs.shape
+    g = hgt // patch
+    x = imgs.reshape(b, c, g, patch, g, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, patch * patch * c)
+    x = x @ sd["encoder.patch_embed.weight"].T + sd["encoder.patch_embed.bias"]
+    d = x.shape[-1]
+    pos = M.sincos_pos_embed(d, g)
+    x = torch.cat([sd["encoder.cls_token"].expand(b, 1, d), x + pos], dim=1)
+    for i in range(depth):
+        w = lambda name: sd[f"encoder.blocks.{i}.{name}"]
+        h = F.layer_norm(x, (d,), w("norm1.weight"), w("norm1.bias"), eps=1e-6)
+        qkv = (h @ w("attn.qkv.weight").T + w("attn.qkv.bias")).reshape(b, -1, 3, heads, d // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+        h = (att @ v).transpose(1, 2).reshape(b, -1, d)
+        x = x + h @ w("attn.proj.weight").T + w("attn.proj.bias")
+        h = F.layer_norm(x, (d,), w("norm2.weight"), w("norm2.bias"), eps=1e-6)
+        h = F.gelu(h @ w("mlp.fc1.weight").T + w("mlp.fc1.bias"))
+        x = x + h @ w("mlp.fc2.weight").T + w("mlp.fc2.bias")
+    return F.layer_norm(x, (d,), sd["encoder.norm.weight"], sd["encoder.norm.bias"], eps=1e-6)
+
+
+def test_encoder_with_no_decay_equals_a_plain_vit():
+    model = randomise(M.MAE(tiny(alpha_schedule="none", decoder_skips=False))).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    ours = model.features(imgs)[-1]
+    ref = plain_vit(imgs, model.state_dict(), depth=12, heads=2, patch=8)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_decay_changes_the_encoder():
+    """Same weights, linear decay: the output must differ from the plain ViT (the test above can fail)."""
+    plain = randomise(M.MAE(tiny(alpha_schedule="none")))
+    decayed = M.MAE(tiny(alpha_schedule="linear", alpha_min=0.6))
+    decayed.load_state_dict(plain.state_dict())
+    imgs = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(plain.features(imgs)[-1], decayed.features(imgs)[-1], atol=1e-3)
+
+
+@pytest.mark.parametrize("skips", [True, False])
+def test_decoder_reads_encoder_and_trains(skips):
+    model = randomise(M.MAE(tiny(decoder_skips=skips)))
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, _, _ = model(imgs)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"parameters outside the graph break DDP: {unused}"
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_features_one_per_block_last_after_norm():
+    model = randomise(M.MAE(tiny()))
+    feats = model.features(torch.randn(2, 3, 32, 32))
+    assert len(feats) == 12 and all(f.shape == (2, 17, 32) for f in feats)
+    ln = model.encoder.norm
+    assert torch.allclose(feats[-1], ln(model.encoder.blocks[-1](feats[-2])), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip(tmp_path):
+    model = randomise(M.MAE(tiny(alpha_schedule="cosine", alpha_min=0.7)))
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.checkpoint(step=3), path)
+    ckpt = torch.load(path, weights_only=True)
+    assert isinstance(ckpt["config"], dict) and ckpt["step"] == 3
+    again = M.MAE.from_checkpoint(str(path))
+    assert again.config == model.config and again.alphas == model.alphas
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    assert torch.equal(model(imgs, noise=noise)[1], again(imgs, noise=noise)[1])
+
+
+def timm_layout(model):
+    """The encoder's weights as timm / facebookresearch-mae name them: conv patch embedding, pos_embed."""
+    cfg, sd = model.config, model.encoder.state_dict()
+    p, c = cfg.patch_size, cfg.in_chans
+    out = {k: v.clone() for k, v in sd.items() if not k.startswith("patch_embed")}
+    out["patch_embed.proj.weight"] = sd["patch_embed.weight"].view(cfg.width, p, p, c).permute(0, 3, 1, 2).clone()
+    out["patch_embed.proj.bias"] = sd["patch_embed.bias"].clone()
+    out["pos_embed"] = model.encoder.pos_embed.clone()
+    return out
+
+
+def test_timm_layout_state_dict_loads_and_matches():
+    source = randomise(M.MAE(tiny(alpha_schedule="none", decoder_skips=False, heads=2, width=128,
+                                  decoder_width=32))).eval()
+    state = timm_layout(source)
+    # a conv with stride p over the image equals our Linear on patches: check the layout conversion by hand
+    imgs = torch.randn(2, 3, 32, 32)
+    conv = F.conv2d(imgs, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=8)
+    assert torch.allclose(conv.flatten(2).transpose(1, 2), source.encoder.patch_embed(M.patchify(imgs, 8)), atol=1e-5)
+    loaded = M.MAE.from_checkpoint({"model": state})
+    assert loaded.config.img_size == 32 and loaded.config.patch_size == 8 and loaded.config.heads == 2
+    for a, b in zip(source.features(imgs), loaded.features(imgs)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_timm_layout_with_wrong_keys_names_them():
+    state = timm_layout(M.MAE(tiny(width=128, heads=2)))
+    del state["blocks.3.norm1.weight"]
+    state["head.weight"] = torch.zeros(10, 128)
+    with pytest.raises(ValueError, match=r"blocks\.3\.norm1\.weight.*head\.weight"):
+        M.MAE.from_checkpoint(state)
+
+
+def test_vit_b16_forward_backward_and_parameter_count():
+    cfg = M.preset("vit_b16")
+    model = M.MAE(cfg)
+    # ViT-B/16 without classifier head, by hand:
+    #   patch embedding 16*16*3*768 + 768 = 590,592; cls token 768
+    #   per block: qkv 768*2304+2304 + proj 768*768+768 + fc1 768*3072+3072 + fc2 3072*768+768 + 2 norms 4*768
+    #              = 1,771,776 + 590,592 + 2,362,368 + 2,360,064 + 3,072 = 7,087,872; x 12 = 85,054,464
+    #   final norm 1,536.  Total 85,647,360 (timm's vit_base_patch16_224: 86,567,656 less the 1000-way head
+    #   769,000 and the 151,296 positional values that are a fixed buffer here).
+    assert sum(p.numel() for p in model.encoder.parameters()) == 85_647_360
+    loss, pred, mask = model(torch.randn(1, 3, 224, 224))
+    loss.backward()
+    assert pred.shape == (1, 196, 768) and mask.sum() == 147
+    assert torch.isfinite(loss) and model.encoder.patch_embed.weight.grad is not None
+
+
+@pytest.mark.parametrize("bad,needle", [(dict(img_size=30), "divisible"), (dict(mask_ratio=1.0), "mask ratio"),
+                                        (dict(alpha_schedule="cos"), "choose one of"), (dict(alpha_min=0), "alpha_min")])
+def test_config_rejects_bad_values(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        tiny(**bad)

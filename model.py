@@ -316,8 +316,10 @@ PRESETS = {
     # 32 px images, patch 4 (64 patches), still 12 blocks deep so that the depth schedule means something
     "vit_t4_32": dict(img_size=32, patch_size=4, width=192, heads=3, decoder_width=128, decoder_depth=4,
                       decoder_heads=4),
-    "vit_m4_32": dict(img_size=32, patch_size=4, width=128, heads=4, decoder_width=96, decoder_depth=2,
+    "vit_m4_32": dict(img_size=32, patch_size=4, width=128, heads=4, decoder_width=64, decoder_depth=2,
                       decoder_heads=4),
+    "vit_p4_32": dict(img_size=32, patch_size=4, width=64, heads=2, decoder_width=32, decoder_depth=1,
+                      decoder_heads=2),  # for smoke tests
 }
 
 

@@ -251,3 +251,204 @@ def test_vit_b16_forward_backward_and_parameter_count():
 def test_config_rejects_bad_values(bad, needle):
     with pytest.raises(ValueError, match=needle):
         tiny(**bad)
+
+
+# ----------------------------------------------------------------------------- data
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import data
+import pretrain
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(script, *args, check=True, env=None, timeout=300):
+    """Run a stage through its real command line, as a user would."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=HERE)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_shapes_are_deterministic_balanced_and_split():
+    train_x, train_y = data.make_shapes("train")
+    test_x, test_y = data.make_shapes("test")
+    assert train_x.shape == (50_000, 32, 32, 3) and train_x.dtype == np.uint8
+    assert test_x.shape == (10_000, 32, 32, 3)
+    assert np.bincount(train_y).tolist() == [5_000] * 10 and np.bincount(test_y).tolist() == [1_000] * 10
+    again_x, again_y = data._generate_shapes("test", 0)  # bypasses every cache
+    assert np.array_equal(again_x, test_x) and np.array_equal(again_y, test_y)
+    other_x, _ = data._generate_shapes("test", 1)
+    assert not np.array_equal(other_x, test_x)
+    assert not any(np.array_equal(train_x[i], test_x[0]) for i in range(1000))
+
+
+def write_png_folder(root, n_per_class=6, size=40, corrupt=0):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            os.makedirs(os.path.join(root, split, cls))
+            for i in range(n_per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, cls, f"{i}.png"))
+    for i in range(corrupt):
+        with open(os.path.join(root, "train", "cat", f"broken{i}.png"), "wb") as f:
+            f.write(b"not a png")
+    return root
+
+
+def test_image_folder_loads_with_both_transforms(tmp_path):
+    root = write_png_folder(str(tmp_path / "imgs"))
+    train = data.get_dataset(root, "pretrain", 32, train_aug=True)
+    test = data.get_dataset(root, "test", 32, train_aug=False)
+    assert len(train) == 12 and len(test) == 12 and data.num_classes(root) == 2
+    img, label = test[7]
+    assert img.shape == (3, 32, 32) and label == 1
+    # evaluation: resize to 36 then centre crop 32, normalised with ImageNet statistics, checked by hand
+    from PIL import Image
+    pil = Image.open(sorted(os.path.join(root, "val", "dog", f) for f in os.listdir(os.path.join(root, "val", "dog")))[1])
+    ref = torch.from_numpy(np.asarray(pil.resize((36, 36), Image.BICUBIC))[2:34, 2:34]).permute(2, 0, 1) / 255
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in data.MEAN_STD["imagenet"])
+    assert (img - (ref - mean) / std).abs().mean() < 0.05
+
+
+# ----------------------------------------------------------------------------- pretraining recipe
+
+def test_lr_schedule_shape():
+    peak, warm, total = 1e-3, 10, 110
+    lrs = [pretrain.lr_at(s, total, warm, peak) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warm) and lrs[0] > 0  # never 0 on the first step
+    assert lrs[warm - 1] == pytest.approx(peak)
+    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # then falling
+    assert lrs[warm + 50] == pytest.approx(peak / 2)  # half-way through the cosine: half the peak
+    assert pretrain.lr_at(total, total, warm, peak) == pytest.approx(0, abs=1e-12)
+
+
+def test_weight_decay_groups():
+    model = M.MAE(tiny())
+    decay, no_decay = pretrain.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    plain = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed and "decoder_pred.weight" in decayed
+    assert all(n.endswith(".bias") or "norm" in n for n in plain) and "encoder.norm.weight" in plain
+    assert len(decayed) + len(plain) == len(names)
+
+
+def test_flops_match_the_vit_b16_count():
+    # ViT-B/16, plain MAE decoder, mask 0.75: about 19.6 GFLOPs forward (issue 6's reference figure)
+    cfg = M.preset("vit_b16", decoder_skips=False)
+    assert pretrain.flops_per_image(cfg, 0.75) / 1e9 == pytest.approx(19.6, abs=0.1)
+
+
+def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path):
+    out = tmp_path / "run"
+    result = run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 40, "--batch-size", 64, "--blr", 5e-3,
+                 "--log-every", 10, "--out-dir", out)
+    assert "vit_p4_32" in result.stdout and "img/s" in result.stdout
+    losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.005, losses
+    model = M.MAE.from_checkpoint(str(out / "ckpt.pt"))
+    assert model.config.alpha_schedule == "linear" and model.config.width == 64
+    assert (out / "recon_epoch001.png").exists()
+
+
+def test_image_folder_pretraining_runs(tmp_path):
+    root = write_png_folder(str(tmp_path / "imgs"))
+    run("pretrain.py", "--model", "vit_p4_32", "--data", root, "--max-steps", 2, "--batch-size", 4,
+        "--out-dir", tmp_path / "run")
+    assert M.MAE.from_checkpoint(str(tmp_path / "run" / "ckpt.pt")).config.img_size == 32
+
+
+def load_weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    common = ["--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 16, "--blr", 1e-3, "--warmup-epochs", 0]
+    run("pretrain.py", *common, "--out-dir", tmp_path / "one")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", "pretrain.py", *map(str, common), "--out-dir", str(tmp_path / "two")],
+                            capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    one, two = load_weights(tmp_path / "one" / "ckpt.pt"), load_weights(tmp_path / "two" / "ckpt.pt")
+    start = M.MAE(M.preset("vit_p4_32")).state_dict()
+    # Same global batch, same masks: the all-reduced gradient equals the one-process gradient up to the order
+    # of float additions. Adam's first step moves each weight by about lr (1.25e-3 * 16 / 256... = 6e-5 here);
+    # 1e-7 allows rounding and catches a wrong batch split, a missing average, or different masks.
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start and "token" not in k)
+    assert moved > 1e-6
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-7), k
+
+
+# ----------------------------------------------------------------------------- reliability
+
+import signal
+import time
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    flags = ["--model", "vit_p4_32", "--max-steps", 16, "--batch-size", 16, "--save-every", 3, "--blr", 2e-3,
+             "--log-every", 1]
+    run("pretrain.py", *flags, "--out-dir", tmp_path / "whole")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *map(str, flags), "--out-dir", str(out)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "ckpt.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill as soon as a mid-run checkpoint lands
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 6 <= killed_at < 16
+    result = run("pretrain.py", "--resume", "--out-dir", out, "--log-every", 1)
+    assert f"resuming at step {killed_at}" in result.stdout
+    whole, resumed = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True), torch.load(ckpt, weights_only=True)
+    assert resumed["step"] == whole["step"] == 16
+    for k in whole["model"]:
+        assert torch.equal(whole["model"][k], resumed["model"][k]), k  # bit for bit
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == list(range(1, 17))  # the log keeps one line per step, none lost or repeated
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    pretrain.save_atomic({"step": 1}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left on device.*previous checkpoint is unchanged"):
+        pretrain.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out)
+    before = (out / "ckpt.pt").read_bytes()
+    result = run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 30, "--batch-size", 8, "--blr", 1e12,
+                 "--warmup-epochs", 0, "--out-dir", out, check=False)
+    assert result.returncode == 1
+    assert "non-finite at step" in result.stderr and "lr" in result.stderr and "untouched" in result.stderr
+    assert (out / "ckpt.pt").read_bytes() == before

@@ -1,0 +1,472 @@
+"""MAE pretraining with decayed identity shortcuts.
+
+    python pretrain.py --alpha-schedule linear                     # embedded data, laptop CPU, minutes
+    torchrun --nproc_per_node 8 pretrain.py --model vit_b16 --data /path/to/imagenet --epochs 800 ...
+
+Every random choice of a step (crop, flip, mask) is a function of (seed, epoch, image index), so a resumed
+run, or one spread over several processes, sees exactly the images and masks of an uninterrupted one.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, unpatchify
+
+CPU_PRESET, CPU_EPOCHS = "vit_t4_32", 4  # what the default command trains on a CPU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+# ----------------------------------------------------------------------------- shared by every stage
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: no CUDA device on this machine; use --device auto or cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device):
+    """bf16 on CUDA (fp16 on cards without bf16); full fp32 everywhere else."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist; pass the ckpt.pt that pretrain.py wrote")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a checkpoint torch can read ({type(e).__name__}); pass a ckpt.pt from pretrain.py")
+    if not isinstance(ckpt, dict):
+        fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- recipe pieces
+
+def lr_at(step, total_steps, warmup_steps, peak_lr):
+    """Linear warm-up (never 0 on the first step), then half-cycle cosine to 0; updated every step."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on matrices and tokens (dim >= 2); biases and norm gains (1-D) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def flops_per_image(cfg, mask_ratio):
+    """Matmul FLOPs of one forward pass of the masked MAE as run (x3 for forward + backward).
+
+    A block on T tokens of width d: 2*T*d*d*(4 + 2*mlp_ratio) for qkv, proj and the MLP, plus 4*T*T*d for
+    q@k and attn@v. Encoder: T = 1 + visible patches; decoder: T = 1 + all patches. ViT-B/16 at mask 0.75,
+    plain decoder: 19.6 GFLOPs forward.
+    """
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    keep, pix = n - int(n * mask_ratio), cfg.patch_size ** 2 * cfg.in_chans
+    d, dd, r = cfg.width, cfg.decoder_width, cfg.mlp_ratio
+
+    def block(t, w):
+        return 2 * t * w * w * (4 + 2 * r) + 4 * t * t * w
+
+    total = 2 * n * pix * d + cfg.depth * block(1 + keep, d)  # patch embedding runs on every patch
+    total += cfg.decoder_depth * block(1 + n, dd) + 2 * (1 + n) * dd * pix
+    if cfg.decoder_skips:
+        n_skips = min(cfg.depth // 2, cfg.decoder_depth)
+        total += n_skips * 2 * (1 + n) * ((dd + d) * dd + dd * dd)
+    else:
+        total += 2 * (1 + keep) * d * dd
+    return total
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Item i of epoch e is augmented and masked under its own seed, so its randomness never depends on
+    which process, worker or resumed run loads it. Yields (image, mask noise over patches)."""
+
+    def __init__(self, dataset, seed, n_patches):
+        self.dataset, self.seed, self.n_patches, self.epoch = dataset, seed, n_patches, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * len(self.dataset) + i)
+            img, _ = self.dataset[i]
+            return img, torch.rand(self.n_patches)
+
+
+def epoch_order(n_items, seed, epoch, start, batch, rank, world):
+    """This process's item indices for one epoch, from micro-batch `start` on (a resumed epoch skips ahead)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_items, generator=g)[: (n_items // batch) * batch]
+    per_batch = order.view(-1, batch)[start:, rank * (batch // world): (rank + 1) * (batch // world)]
+    return per_batch.flatten().tolist()
+
+
+# ----------------------------------------------------------------------------- checkpoints and pictures
+
+def save_atomic(obj, path):
+    """Write to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not save {path} ({e.strerror or e}); the previous checkpoint is unchanged") from e
+
+
+def rng_states():
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@torch.no_grad()
+def reconstruction_grid(model, imgs, noise, mean_std, path):
+    """Rows of original / masked / reconstruction (visible patches pasted back) for a few held-out images."""
+    from torchvision.utils import save_image
+    model.eval()
+    _, pred, mask = model(imgs, noise=noise)
+    cfg, p = model.config, model.config.patch_size
+    target = patchify(imgs, p)
+    if cfg.norm_pix_loss:  # predictions are in per-patch normalised units: undo with the target's own stats
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    hidden = mask[..., None]
+    masked = unpatchify(target * (1 - hidden), p)
+    recon = unpatchify(target * (1 - hidden) + pred * hidden, p)
+    mean, std = (torch.tensor(v, device=imgs.device).view(1, 3, 1, 1) for v in mean_std)
+    rows = torch.cat([imgs, masked, recon]) * std + mean
+    save_image(rows.clamp(0, 1), path, nrow=len(imgs))
+    model.train()
+
+
+
+# ----------------------------------------------------------------------------- command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other bad input
+        fail(f"{message} (see --help)")
+
+
+# Flags that shape the run: a resumed run takes them from its checkpoint and refuses different values.
+RUN_FLAGS = dict(model=None, img_size=None, alpha_schedule="linear", alpha_min=0.6, decoder_skips=True, mask_ratio=0.75,
+                 data=data.EMBEDDED, epochs=None, max_steps=None, batch_size=None, accum_steps=1, blr=None,
+                 weight_decay=0.05, warmup_epochs=None, seed=0)
+# Flags free to change between a run and its resumption.
+RUNTIME_FLAGS = dict(out_dir="out", device="auto", compile=None, resume=None, workers=None, log_every=20,
+                     save_every=0, download=False, data_root="./data")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", help=f"preset: {', '.join(PRESETS)} (default: {CPU_PRESET} on the embedded data, else vit_b16)")
+    a("--img-size", type=int, help="image side in pixels, a multiple of the patch size (default: the preset's)")
+    a("--alpha-schedule", help=f"shortcut decay with depth: {', '.join(SCHEDULES)} (default: linear)")
+    a("--alpha-min", type=float, help="shortcut weight of the last encoder sub-layer, in (0, 1] (default: 0.6)")
+    a("--decoder-skips", action=argparse.BooleanOptionalAction, help="encoder-to-decoder skips (default: on)")
+    a("--mask-ratio", type=float, help="fraction of patches hidden, in (0, 1) (default: 0.75)")
+    a("--data", help=f"{data.EMBEDDED} (embedded, default), {', '.join(data.DATASETS[1:])}, or an ImageFolder "
+                     "root with train/ and val/")
+    a("--download", action="store_true", default=None, help="let torchvision download a named dataset")
+    a("--data-root", help="where torchvision datasets live (default: ./data)")
+    a("--epochs", type=int, help=f"default: {CPU_EPOCHS} on the embedded data, else 800")
+    a("--max-steps", type=int, help="cap on optimizer steps; the lr schedule is fitted to the capped run")
+    a("--batch-size", type=int, help="GLOBAL batch per micro-step, split over processes (default: 128 on CPU, 256 on GPU)")
+    a("--accum-steps", type=int, help="micro-steps per optimizer step; effective batch = batch-size * accum-steps")
+    a("--blr", type=float, help="base lr; lr = blr * effective batch / 256 (default: 1.5e-4, the MAE recipe; "
+                                "1.5e-3 for the short embedded-data runs)")
+    a("--weight-decay", type=float, help="AdamW weight decay on matrices (default: 0.05)")
+    a("--warmup-epochs", type=float, help="linear warm-up length (default: 5%% of the epochs, 40 of 800)")
+    a("--seed", type=int, help="default: 0")
+    a("--out-dir", help="checkpoint, log and pictures go here (default: out)")
+    a("--device", help="auto (cuda, then mps, then cpu), or a torch device name")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
+    a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
+    a("--workers", type=int, help="data loader processes (default: 0 on CPU, 8 on GPU)")
+    a("--log-every", type=int, help="optimizer steps between log lines (default: 20)")
+    a("--save-every", type=int, help="also checkpoint every N steps (default: 0, i.e. each epoch and at the end)")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return argparse.Namespace(**{**RUN_FLAGS, **RUNTIME_FLAGS, **given}), given
+
+
+def resolve_resume(args, given):
+    """Merge the checkpoint's run flags into args; returns the checkpoint or None."""
+    if args.resume is None:
+        return None
+    path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.isfile(path):
+        fail(f"--resume: nothing to resume in {args.out_dir} (no ckpt.pt); start a new run without --resume")
+    ckpt = load_checkpoint(path)
+    if "args" not in ckpt or "optimizer" not in ckpt:
+        fail(f"--resume: {path} has no training state; it is not a pretrain.py checkpoint")
+    clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {ckpt['args'][k]})"
+               for k in RUN_FLAGS if k in given and k in ckpt["args"] and given[k] != ckpt["args"][k]]
+    if clashes:
+        fail(f"--resume: flags do not fit the checkpoint {path}: {', '.join(clashes)}; drop them to resume")
+    for k in RUN_FLAGS:
+        setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
+    return ckpt
+
+
+def fill_defaults(args, device):
+    """Defaults that depend on the data and the device."""
+    embedded = args.data == data.EMBEDDED
+    args.model = args.model or (CPU_PRESET if embedded else "vit_b16")
+    args.epochs = args.epochs or (CPU_EPOCHS if embedded else 800)
+    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 128)
+    args.blr = args.blr or (1.5e-3 if embedded else 1.5e-4)
+    args.warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else 0.05 * args.epochs
+    args.workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    local = int(os.environ["LOCAL_RANK"])
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), (torch.device("cuda", local) if backend == "nccl" else None)
+
+
+def build(args, world):
+    """Config, data and model from the flags; every bad input ends here with one line and exit 2."""
+    if args.batch_size < world or args.batch_size % world:
+        fail(f"batch size {args.batch_size} must be a positive multiple of the {world} processes")
+    if args.accum_steps < 1 or args.epochs < 1 or (args.max_steps is not None and args.max_steps < 1):
+        fail("--accum-steps, --epochs and --max-steps must be at least 1")
+    overrides = dict(alpha_schedule=args.alpha_schedule, alpha_min=args.alpha_min,
+                     decoder_skips=args.decoder_skips, mask_ratio=args.mask_ratio)
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    try:
+        cfg = preset(args.model, **overrides)
+        train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True,
+                                     download=args.download, root=args.data_root)
+        held_out = data.get_dataset(args.data, "test", cfg.img_size, train_aug=False, root=args.data_root)
+    except (ValueError, data.DataError) as e:
+        fail(str(e))
+    if len(train_set) < args.batch_size * args.accum_steps:
+        fail(f"{len(train_set)} training images are fewer than one effective batch; lower --batch-size")
+    return cfg, train_set, held_out
+
+
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")
+
+
+def log_line(step, total, epoch, epochs, loss, lr, img_s, mfu, eta_s):
+    mfu_text = f" | mfu {mfu:5.1%}" if mfu is not None else ""
+    print(f"epoch {epoch + 1}/{epochs} step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
+          f"{img_s:7.1f} img/s{mfu_text} | eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}", flush=True)
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    ckpt = resolve_resume(args, given)
+    device = pick_device(args.device)
+    fill_defaults(args, device)
+    cfg, train_set, held_out = build(args, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world, ddp_device = setup_distributed()  # only once every input has been checked
+    device = ddp_device or device
+    master = rank == 0
+    if master:
+        prepare_out_dir(args.out_dir)
+        print(f"model {args.model}: {cfg.depth} blocks x {cfg.width} wide, {cfg.img_size} px, patch {cfg.patch_size}; "
+              f"data {args.data}; device {device}; {world} process(es)")
+        if args.model == CPU_PRESET:
+            print("  the paper's recipe: torchrun --nproc_per_node 8 pretrain.py --model vit_b16 "
+                  "--data /path/to/imagenet --epochs 800 --batch-size 512 --accum-steps 8  (see README)")
+        a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
+        print(f"  encoder shortcut weights (attn, mlp) per block, {cfg.alpha_schedule} to {cfg.alpha_min}: "
+              + " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(a[::2], a[1::2])))
+    train(args, cfg, train_set, held_out, device, rank, world, ckpt)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+
+
+def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
+    master, cuda = rank == 0, device.type == "cuda"
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    model = MAE(cfg).to(device)  # the same initial weights on every process
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+                                  fused=cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"])
+        step = ckpt["step"]
+    runner = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    runner = torch.compile(runner) if args.compile else runner
+
+    micro = args.batch_size // world
+    steps_per_epoch = len(train_set) // (args.batch_size * args.accum_steps)
+    planned = args.epochs * steps_per_epoch
+    total = min(planned, args.max_steps or planned)
+    warmup = int(args.warmup_epochs * steps_per_epoch * total / planned)  # a capped run keeps the schedule's shape
+    peak_lr = args.blr * args.batch_size * args.accum_steps / 256
+    n_patches = (cfg.img_size // cfg.patch_size) ** 2
+    items = SeededItems(train_set, args.seed, n_patches)
+    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
+    show_imgs = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))]).to(device)
+    show_noise = torch.rand(len(show_imgs), n_patches, generator=torch.Generator().manual_seed(0)).to(device)
+    flops, peak = 3 * flops_per_image(cfg, cfg.mask_ratio), peak_flops(device)
+    if master:
+        keep_log_until(log_path, step)
+        print(f"{total} steps of {args.batch_size * args.accum_steps} images ({steps_per_epoch} per epoch), "
+              f"peak lr {peak_lr:.2e}, warm-up {warmup} steps" + (f"; resuming at step {step}" if step else ""))
+
+    loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
+    t_start = t_log = time.time()
+    steps_at_log = step
+    while step < total:
+        epoch, start = divmod(step, steps_per_epoch)
+        items.epoch = epoch
+        order = epoch_order(len(items), args.seed, epoch, start * args.accum_steps, args.batch_size, rank, world)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=micro,
+                                             num_workers=args.workers, pin_memory=cuda)
+        for i, (imgs, noise) in enumerate(loader):
+            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+            last_micro = (i + 1) % args.accum_steps == 0
+            sync = contextlib.nullcontext() if last_micro or world == 1 else runner.no_sync()
+            with sync, autocast(device):
+                loss = runner(imgs, noise=noise)[0]
+            with sync:
+                scaler.scale(loss / args.accum_steps).backward()
+            loss_sum += loss.detach() / args.accum_steps
+            if not last_micro:
+                continue
+            lr = lr_at(step, total, warmup, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)  # no host sync
+            step += 1
+            end_of_epoch = step % steps_per_epoch == 0 or step == total
+            if step % args.log_every == 0 or end_of_epoch:
+                stop_if_not_finite(bad_step, lr, ckpt_path)
+                now = time.time()
+                img_s = (step - steps_at_log) * args.batch_size * args.accum_steps / (now - t_log)
+                mean_loss = loss_sum.item() / (step - steps_at_log)
+                if master:
+                    log_line(step, total, epoch, args.epochs, mean_loss, lr, img_s,
+                             flops * img_s / (peak * world) if peak else None, (total - step) * (now - t_log) / (step - steps_at_log))
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
+                loss_sum.zero_()
+                t_log, steps_at_log = time.time(), step
+            if master and (end_of_epoch or (args.save_every and step % args.save_every == 0)):
+                stop_if_not_finite(bad_step, lr, ckpt_path)
+                save(model, optimizer, scaler, args, epoch, step, ckpt_path)
+                if end_of_epoch:
+                    reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
+                                        os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
+            if step >= total:
+                break
+    if master:
+        minutes = (time.time() - t_start) / 60
+        print(f"done: {step} steps in {minutes:.1f} min; checkpoint {ckpt_path}\n"
+              f"next: python probe.py {ckpt_path}   and   python rank.py {ckpt_path}")
+
+
+def stop_if_not_finite(bad_step, lr, ckpt_path):
+    if bad_step.item() >= 0:
+        last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        print(f"error: loss became non-finite at step {bad_step.item()} (lr {lr:.2e}); stopping; {last}; "
+              "try a lower --blr or a larger --alpha-min", file=sys.stderr)
+        sys.exit(1)
+
+
+def save(model, optimizer, scaler, args, epoch, step, path):
+    state = model.checkpoint(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args).copy(),
+                             epoch=epoch, step=step, rng=rng_states())
+    try:
+        save_atomic(state, path)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def keep_log_until(log_path, step):
+    """A resumed run drops the log lines that the interrupted run wrote after its checkpoint."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        lines = [line for line in f if json.loads(line)["step"] <= step]
+    with open(log_path, "w") as f:
+        f.writelines(lines)
+
+
+if __name__ == "__main__":
+    main()

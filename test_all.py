@@ -452,3 +452,150 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
     assert result.returncode == 1
     assert "non-finite at step" in result.stderr and "lr" in result.stderr and "untouched" in result.stderr
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+def snapshot(root):
+    """Every file under root with its bytes: to prove a refused command wrote nothing."""
+    return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(root) for f in fs}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out / "run")
+    return out
+
+
+PRETRAIN, PROBE, RANK = "pretrain.py", "probe.py", "rank.py"
+BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {run} is a finished run's folder
+    (PRETRAIN, "--alpha-schedule linaer", "unknown alpha schedule 'linaer'; choose one of none, linear"),
+    (PRETRAIN, "--alpha-min 1.5", "alpha_min must be in (0, 1]"),
+    (PRETRAIN, "--alpha-min 0", "alpha_min must be in (0, 1]"),
+    (PRETRAIN, "--img-size 30", "image size 30 is not divisible by patch size 4"),
+    (PRETRAIN, "--mask-ratio 1.0", "mask ratio must be in (0, 1)"),
+    (PRETRAIN, "--model vit_x", "unknown model preset 'vit_x'; choose one of vit_b16"),
+    (PRETRAIN, "--data {tmp}/nowhere", "unknown dataset"),
+    (PRETRAIN, "--data {tmp}/empty", "missing or empty data folder"),
+    (PRETRAIN, "--resume {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
+    (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),
+    (PRETRAIN, "--resume --out-dir {run} --alpha-min 0.7", "flags do not fit the checkpoint"),
+    (PRETRAIN, "--resume --out-dir {tmp}/fresh", "nothing to resume in {tmp}/fresh"),
+    (PRETRAIN, "--out-dir {tmp}/notes.txt/sub", "cannot write to --out-dir"),
+    (PRETRAIN, "--batch-size 1 --env-world 2", "batch size 1 must be a positive multiple of the 2 processes"),
+    (PRETRAIN, "--epochs zero", "invalid int value"),
+    (PRETRAIN, "--device cuda:0", "--device cuda:0"),
+    (PROBE, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
+    (PROBE, "{tmp}/notes.txt", "is not a checkpoint"),
+    (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers"),
+    (PROBE, "{run}/ckpt.pt --data imagenett", "unknown dataset"),
+    (RANK, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
+    (RANK, "{tmp}/notes.txt", "is not a checkpoint"),
+    (RANK, "{run}/ckpt.pt --data {tmp}/empty", "missing or empty data folder"),
+    (RANK, "{run}/ckpt.pt --n -5", "--n"),
+]
+
+
+@pytest.mark.parametrize("script,arguments,needle", BAD_INPUTS, ids=[f"{s}:{a}" for s, a, _ in BAD_INPUTS])
+def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run):
+    if "cuda" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    tmp = finished_run
+    os.makedirs(tmp / "empty" / "train", exist_ok=True)
+    (tmp / "notes.txt").write_text("not a checkpoint")
+    fill = lambda text: text.format(tmp=tmp, run=tmp / "run")
+    args, env = fill(arguments).split(), {}
+    if "--env-world" in args:  # what torchrun would set for 2 processes; refused before any process group starts
+        args = args[:args.index("--env-world")]
+        env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    before = snapshot(tmp)
+    result = run(script, *args, check=False, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert fill(needle) in lines[0]
+    assert snapshot(tmp) == before
+
+
+
+
+# ----------------------------------------------------------------------------- evaluation: probe.py and rank.py
+
+import probe
+import rank
+
+
+def test_effective_rank_hand_computed_cases():
+    assert rank.effective_rank(torch.eye(6)) == pytest.approx(6)  # all singular values equal: full rank
+    u, v = torch.randn(50, 1), torch.randn(1, 30)
+    assert rank.effective_rank(u @ v) == pytest.approx(1, abs=1e-9)  # rank one
+    q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
+    for k in (2, 5, 17):  # k equal singular values and the rest zero: exactly k
+        assert rank.effective_rank(q[:, :k] @ q[:k, :]) == pytest.approx(k, rel=1e-9)
+    x = torch.randn(100, 20)
+    assert rank.effective_rank(x * 1000) == pytest.approx(rank.effective_rank(x), rel=1e-9)  # scale-free
+    # two singular values 3 and 1: p = (3/4, 1/4), erank = exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.7548...
+    assert rank.effective_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(1.75476, abs=1e-5)
+    s = torch.linalg.svdvals(x.double())
+    p = s / s.sum()
+    assert rank.effective_rank(x) == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-9)
+
+
+def clusters(n_per_class, n_classes, dim, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(99)) * 3
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    return centres[y] + spread * torch.randn(len(y), dim, generator=g), y
+
+
+def test_knn_on_separable_clusters():
+    train_x, train_y = clusters(30, 5, 16, 0.3, seed=1)
+    test_x, test_y = clusters(10, 5, 16, 0.3, seed=2)
+    assert probe.knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, chunk=7) == 100.0
+    # a k-NN vote can fail: labels shuffled against the features give chance, not 100
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))]
+    assert probe.knn_accuracy(train_x, shuffled, test_x, test_y) < 60
+
+
+def test_linear_probe_on_linearly_separable_features():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 4, generator=g)
+
+    def sample(n):  # labels from a linear map, keeping only points with a margin between the top two scores
+        x = torch.randn(8 * n, 32, generator=g)
+        top2 = (x @ w).topk(2, dim=1).values
+        x = x[top2[:, 0] - top2[:, 1] > 2.0][:n]
+        return x, (x @ w).argmax(1)
+
+    (train_x, train_y), (test_x, test_y) = sample(3000), sample(1000)
+    noise_train, noise_test = torch.randn(len(train_x), 32, generator=g), torch.randn(len(test_x), 32, generator=g)
+    accs = probe.train_linear_probes(torch.stack([train_x, noise_train]), train_y,
+                                     torch.stack([test_x, noise_test]), test_y, n_classes=4)
+    assert accs[0] >= 99.0, accs
+    assert accs[1] < 40, accs  # a head on noise stays near chance (25%): heads do not leak into each other
+
+
+def test_probe_and_rank_end_to_end(finished_run):
+    ckpt = finished_run / "run" / "ckpt.pt"
+    out = run(PROBE, ckpt, "--n-train", 200, "--n-test", 100, "--epochs", 3, "--layers", "1,12").stdout
+    result = json.load(open(finished_run / "run" / "probe.json"))
+    assert [r["layer"] for r in result["layers"]] == [1, 12] and result["n_test"] == 100
+    assert result["headline"]["pooling"] in out and "k-NN" in out
+    assert all(0 <= r["lp_mean"] <= 100 and 0 <= r["knn_cls"] <= 100 for r in result["layers"])
+    out = run(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt).stdout
+    result = json.load(open(finished_run / "run" / "rank.json"))
+    layers = result["checkpoints"][0]["layers"]
+    assert len(layers) == 12 and "linear" in out and "0.600" in out  # the schedule is shown
+    assert all(1 <= r["mean"] <= 64 for r in layers)
+
+
+def test_public_weights_path(tmp_path):
+    # heads = width / 64 when a state_dict does not say, as for the public ViT-B/16 (768 / 64 = 12)
+    source = randomise(M.MAE(M.preset("vit_p4_32", width=128, heads=2, alpha_schedule="none", decoder_skips=False)))
+    state = timm_layout(source)  # a ViT state_dict as mae_pretrain_vit_base.pth holds it
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": state}, path)
+    out = run(PROBE, path, "--data", "shapes", "--n-train", 100, "--n-test", 50, "--epochs", 2, "--layers", 12).stdout
+    assert "schedule none" in out
+    result = run(PROBE, path, check=False)
+    assert result.returncode == 2 and "--data" in result.stderr
+    run(RANK, path, "--data", "shapes", "--n", 32, "--n-tokens", 4)

@@ -1,0 +1,302 @@
+"""Linear probe and k-NN of a frozen MAE encoder, every layer at once.
+
+    python probe.py out/ckpt.pt                                   # data from the checkpoint, every block
+    python probe.py mae_pretrain_vit_base.pth --data /path/to/imagenet --layers 12 --n-train 0 --n-test 0
+
+Features (cls token and mean of patch tokens after each block) are computed once and cached as float32 on the
+CPU; then one head per layer and pooling is trained on them. rank.py shares extract_features and the helpers.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+import data
+from model import MAE
+from pretrain import Parser, autocast, fail, load_checkpoint, lr_at, pick_device
+
+# Reference: SPEC section 5. MAE protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
+# 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
+# 200 epochs, features computed once. Ours: MAE's head (weight decay 0) trained with the authors' AdamW lr 1e-2
+# on features computed once; for speed batch 256, 50 epochs, 5 warm-up, per-step cosine.
+PROBE = dict(epochs=50, warmup_epochs=5, batch_size=256, lr=1e-2, weight_decay=0.0)
+KNN = dict(k=20, t=0.07)  # DINO's weighted k-NN
+POOLINGS = {"cls": lambda tokens: tokens[:, 0], "mean": lambda tokens: tokens[:, 1:].mean(dim=1)}  # 0 is cls
+HEADLINE = "mean"
+HEADLINE_WHY = ("Headline: the mean of the last block's patch tokens (after the final norm), the pooling of the "
+                "authors' own probe and of SPEC section 7; an MAE's cls token gets no loss of its own and is weak "
+                "after short training. Both poolings are reported per layer.")
+
+
+def at_least(low):
+    def parse(text):  # argparse type: a whole number >= low
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"needs a whole number >= {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def add_common_args(parser):
+    a = parser.add_argument
+    a("checkpoint", help="a pretrain.py checkpoint, or a timm / MAE ViT state_dict (needs --data)")
+    a("--data", help="dataset name or ImageFolder root (default: what the checkpoint trained on)")
+    a("--data-root", help="where torchvision datasets live (default: the checkpoint's, else ./data)")
+    a("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    a("--batch-size", type=at_least(1), default=256, help="images per forward pass (default %(default)s)")
+    a("--workers", type=at_least(0), help="loader processes (default: 8 on cuda, else 0)")
+
+
+def load_model(path):
+    ckpt = load_checkpoint(path)
+    try:
+        return MAE.from_checkpoint(ckpt), ckpt
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        fail(f"{path}: {str(error).splitlines()[0]}")
+
+
+def data_source(ckpt, args):
+    """(dataset, torchvision root): the flags, else what the checkpoint trained on."""
+    trained = ckpt.get("args") or {}
+    if not (args.data or trained.get("data")):
+        fail(f"{args.checkpoint} does not say what data it was trained on (public ViT weights?): pass --data")
+    return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
+
+
+def get_split(name, split, img_size, root, n):
+    """A fixed seeded sample of n images (the whole split when n is 0), the same for every checkpoint."""
+    try:
+        dataset = data.get_dataset(name, split, img_size, train_aug=False, root=root)
+    except data.DataError as error:
+        fail(str(error))
+    if not n or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.Subset(dataset, order[:n].sort().values.tolist())
+
+
+def make_loader(dataset, batch_size, device, workers=None):
+    workers = (8 if device.type == "cuda" else 0) if workers is None else workers
+    return torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=None, name="features"):
+    """Frozen-encoder features: {pooling: float32 CPU tensor [len(layers), N, d], "labels": [N]}.
+
+    layers are 1-based blocks. on_tokens, if given, gets each batch's list (one per layer) of float32 token
+    tensors [b, 1+n, d], so a caller can reduce them without storing every token.
+    """
+    model.eval().to(device)
+    parts, seen, start = {key: [] for key in (*pooling, "labels")}, 0, time.time()
+    for i, (imgs, labels) in enumerate(loader):
+        with autocast(device):
+            blocks = model.features(imgs.to(device, non_blocking=True))
+        tokens = [blocks[layer - 1].float() for layer in layers]
+        for p in pooling:
+            parts[p].append(torch.stack([POOLINGS[p](t) for t in tokens]).cpu())
+        parts["labels"].append(labels)
+        if on_tokens is not None:
+            on_tokens(tokens)
+        seen += len(labels)
+        if (i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader):
+            print(f"  {name}: {seen}/{len(loader.dataset)} images, {seen / (time.time() - start):.0f} img/s")
+    return {key: torch.cat(value, dim=-2 if key in pooling else 0) for key, value in parts.items()}
+
+
+@contextlib.contextmanager
+def one_thread(device):
+    """For many tiny ops on a CPU, where thread hand-offs cost more than they save (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if torch.device(device).type == "cpu" else threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class ProbeHeads(nn.Module):
+    """MAE's head, BatchNorm1d(affine=False, eps 1e-6) + Linear, once per feature set; input [heads, b, d].
+
+    The norm holds the whole training set's statistics and stays in eval mode: the large-batch limit of MAE's
+    batch 16384, which lets training normalise the cached features once instead of at every step.
+    """
+
+    def __init__(self, train_x, n_classes):
+        super().__init__()
+        heads, _, dim = train_x.shape
+        self.norm = nn.BatchNorm1d(heads * dim, affine=False, eps=1e-6).eval()
+        self.norm.running_mean, self.norm.running_var = train_x.mean(1).flatten(), train_x.var(1).flatten()
+        self.weight = nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, dim, n_classes), std=0.01))
+        self.bias = nn.Parameter(torch.zeros(heads, n_classes))
+
+    def normalise(self, x):
+        return rearrange(self.norm(rearrange(x, "h b d -> b (h d)")), "b (h d) -> h b d", h=len(x))
+
+    def classify(self, z):
+        return torch.einsum("hbd,hdc->hbc", z, self.weight) + self.bias[:, None]
+
+
+def train_linear_probes(train_x, train_y, test_x, test_y, n_classes, recipe=PROBE, device="cpu", seed=0):
+    """Trains one head per feature set [heads, N, d], all in one pass; returns each head's test accuracy (%)."""
+    torch.manual_seed(seed)
+    with one_thread(device):
+        heads = ProbeHeads(train_x.to(device), n_classes).to(device)
+        opt = torch.optim.AdamW(heads.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+        with torch.no_grad():
+            train_z, train_y = heads.normalise(train_x.to(device)), train_y.to(device)
+        per_epoch = math.ceil(train_z.shape[1] / recipe["batch_size"])
+        total, warmup = recipe["epochs"] * per_epoch, recipe["warmup_epochs"] * per_epoch
+        for step in range(total):
+            if step % per_epoch == 0:
+                batches = torch.randperm(train_z.shape[1], device=device).split(recipe["batch_size"])
+            batch = batches[step % per_epoch]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, recipe["lr"])
+            logits = heads.classify(train_z[:, batch])  # [heads, b, classes]; each head's loss is its own mean
+            loss = F.cross_entropy(logits.flatten(0, 1), train_y[batch].repeat(len(logits))) * len(logits)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            correct = sum((heads.classify(heads.normalise(x.to(device))).argmax(-1) == y.to(device)).sum(-1)
+                          for x, y in zip(test_x.split(4096, dim=1), test_y.split(4096)))
+    return (100 * correct.float() / len(test_y)).tolist()
+
+
+@torch.no_grad()
+def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, chunk=1024, n_classes=None):
+    """DINO's k-NN: cosine similarity, votes exp(sim / t); test rows in chunks to bound memory. Accuracy in %."""
+    n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
+    train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
+    correct = 0
+    for x, y in zip(test_x.split(chunk), test_y.split(chunk)):
+        sims, idx = (x @ train_x.T).topk(min(k, len(train_y)), dim=1)
+        votes = torch.zeros(len(x), n_classes, device=x.device).scatter_add_(1, train_y[idx], (sims / t).exp())
+        correct += (votes.argmax(1) == y).sum().item()
+    return 100 * correct / len(test_y)
+
+
+def probe_layers(train, test, layers, n_classes, recipe, device):
+    """One row per layer: linear-probe and k-NN accuracy for both poolings."""
+    heads = torch.cat([train[p] for p in POOLINGS]), torch.cat([test[p] for p in POOLINGS])  # pooling-major
+    lp = train_linear_probes(heads[0], train["labels"], heads[1], test["labels"], n_classes, recipe, device)
+    rows = [{"layer": layer} for layer in layers]
+    for i, row in enumerate(rows):
+        for j, p in enumerate(POOLINGS):
+            row[f"lp_{p}"] = lp[j * len(layers) + i]
+            x, y, test_x, test_y = (t.to(device) for t in (train[p][i], train["labels"], test[p][i], test["labels"]))
+            row[f"knn_{p}"] = knn_accuracy(x, y, test_x, test_y, **KNN, n_classes=n_classes)
+    return rows
+
+
+def parse_layers(text, depth):
+    try:
+        layers = sorted({*range(1, depth + 1)} if text == "all" else {int(s) for s in text.split(",")})
+    except ValueError:
+        fail(f"--layers must be 'all' or block numbers like 1,6,12, got {text!r}")
+    if not 1 <= layers[0] <= layers[-1] <= depth:
+        fail(f"--layers {text}: this encoder has blocks 1 to {depth}")
+    return layers
+
+
+def beside(checkpoint, filename):
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), filename)
+
+
+def save_json(path, report):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"results -> {path}")
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot, or None after a one-line note: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+
+
+def plot_accuracy(rows, path, title):
+    if (plt := pyplot()) is None:
+        return
+    for key, style in (("lp_cls", "o-"), ("lp_mean", "s-"), ("knn_cls", "o--"), ("knn_mean", "s--")):
+        label = key.replace("lp_", "linear probe, ").replace("knn_", "k-NN, ")
+        plt.plot([row["layer"] for row in rows], [row[key] for row in rows], style, label=label)
+    plt.gca().set(xlabel="encoder block", ylabel="test accuracy (%)", title=title)
+    plt.legend()
+    plt.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close()
+    print(f"plot -> {path}")
+
+
+def print_table(rows, alphas):
+    print(f"{'block':>5}  {'alpha attn/mlp':>14}  {'LP cls':>6}  {'LP mean':>7}  {'kNN cls':>7}  {'kNN mean':>8}")
+    for r in rows:
+        print(f"{r['layer']:>5}  {alphas[2 * r['layer'] - 2]:>6.3f} {alphas[2 * r['layer'] - 1]:>7.3f}  "
+              f"{r['lp_cls']:>6.1f}  {r['lp_mean']:>7.1f}  {r['knn_cls']:>7.1f}  {r['knn_mean']:>8.1f}")
+
+
+def parse_args():
+    parser = Parser(description=__doc__.split("\n")[0], epilog=HEADLINE_WHY)
+    add_common_args(parser)
+    a = parser.add_argument
+    a("--layers", default="all", help="blocks to probe, 1-based, e.g. 1,6,12 (default: all)")
+    a("--n-train", type=at_least(0), default=3000,
+      help="seeded sample of the train split, 0 = all (default %(default)s: under 2 minutes on 2 CPU cores)")
+    a("--n-test", type=at_least(0), default=1500, help="seeded sample of the test split, 0 = all (default %(default)s)")
+    a("--epochs", type=at_least(1), default=PROBE["epochs"], help="linear-probe epochs (default %(default)s)")
+    a("--lr", type=float, default=PROBE["lr"], help="linear-probe AdamW learning rate (default %(default)s)")
+    a("--out", help="JSON path (default: probe.json beside the checkpoint; the PNG beside it)")
+    return parser.parse_args()
+
+
+def main():
+    args, start = parse_args(), time.time()
+    model, ckpt = load_model(args.checkpoint)
+    cfg, device = model.config, pick_device(args.device)
+    layers, (name, root) = parse_layers(args.layers, cfg.depth), data_source(ckpt, args)
+    splits = {s: get_split(name, s, cfg.img_size, root, n) for s, n in (("train", args.n_train), ("test", args.n_test))}
+    recipe = PROBE | {"epochs": args.epochs, "lr": args.lr, "warmup_epochs": min(PROBE["warmup_epochs"], args.epochs)}
+    megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
+    print(f"{args.checkpoint}: {cfg.depth} blocks x {cfg.width}, schedule {cfg.alpha_schedule}, alpha_min "
+          f"{cfg.alpha_min:g}; {name}: {len(splits['train'])} train / {len(splits['test'])} test images (seeded "
+          f"sample, seed 0); {device}; feature cache {megabytes:.0f} MB")
+    seconds = {"setup": time.time() - start}
+    try:
+        feats = [extract_features(model, make_loader(split, args.batch_size, device, args.workers), device, layers,
+                                  name=f"{s} features") for s, split in splits.items()]
+    except data.DataError as error:
+        fail(str(error))
+    seconds["features"] = time.time() - start - sum(seconds.values())
+    rows = probe_layers(*feats, layers, data.num_classes(name), recipe, device)
+    seconds["probes"] = time.time() - start - sum(seconds.values())
+    print_table(rows, model.alphas)
+    head = {"pooling": HEADLINE, "layer": rows[-1]["layer"], "linear_probe": rows[-1]["lp_" + HEADLINE],
+            "knn": rows[-1]["knn_" + HEADLINE]}
+    print(f"{HEADLINE_WHY}\nheadline (block {head['layer']}, {HEADLINE}): linear probe {head['linear_probe']:.1f}%, "
+          f"k-NN {head['knn']:.1f}%  [" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "]")
+    out = save_json(args.out or beside(args.checkpoint, "probe.json"), {
+        "checkpoint": args.checkpoint, "data": name, "n_train": len(splits["train"]), "n_test": len(splits["test"]),
+        "sample": "seeded random sample of each split (seed 0); 0 = all", "config": asdict(cfg), "alphas": model.alphas,
+        "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "headline": head | {"why": HEADLINE_WHY},
+        "probe_recipe": recipe, "knn": KNN, "layers": rows, "seconds": {k: round(v, 1) for k, v in seconds.items()}})
+    plot_accuracy(rows, os.path.splitext(out)[0] + ".png", f"{cfg.alpha_schedule} alpha_min {cfg.alpha_min:g}, {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Effective rank of a frozen MAE encoder's features at every block (SPEC section 5; Roy & Vetterli 2007).
+
+    python rank.py out/ckpt.pt
+    python rank.py runs/none/ckpt.pt --compare runs/linear/ckpt.pt runs/exp/ckpt.pt
+
+Per block: the rank of the N x d matrix of cls tokens over N images, the same for the mean of patch tokens, and
+the mean over images of the rank of each image's own [1+n, d] token matrix. Matrices are not centred (as RankMe).
+Every checkpoint sees the same seeded sample of the test split, so N is the same for all.
+"""
+import math
+import os
+import time
+
+import torch
+
+import data
+from pretrain import Parser, fail, pick_device
+from probe import (add_common_args, at_least, beside, data_source, extract_features, get_split, load_model,
+                   make_loader, one_thread, pyplot, save_json)
+
+COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "one image's tokens"}
+
+
+def singular_values(matrices):
+    """Singular values of each [..., N, D] matrix, float64 on the CPU, as square roots of the eigenvalues of the
+    smaller Gram matrix: many times faster than an SVD for thousands of small token matrices. Eigenvalues within
+    rounding of zero (below size * eps * largest, matrix_rank's tolerance) give zero singular values."""
+    with torch.autocast("cpu", enabled=False), one_thread("cpu"):
+        x = torch.as_tensor(matrices).detach().to("cpu", torch.float64)
+        eig = torch.linalg.eigvalsh(x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x)
+        tolerance = eig[..., -1:] * eig.shape[-1] * torch.finfo(eig.dtype).eps
+        return torch.where(eig > tolerance, eig, 0.0).sqrt()
+
+
+def effective_ranks(matrices):
+    """exp(entropy of p = s / s.sum()) of each matrix [..., N, D], as a float64 tensor [...]; 0 for a zero matrix."""
+    s = singular_values(matrices)
+    total = s.sum(-1, keepdim=True)
+    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
+    return torch.where(total[..., 0] > 0, (-torch.special.xlogy(p, p).sum(-1)).exp(), 0.0)  # xlogy: 0 log 0 = 0
+
+
+def effective_rank(features):
+    """Effective rank of one N x D matrix: between 1 and min(N, D)."""
+    if torch.as_tensor(features).dim() != 2:
+        raise ValueError("effective_rank takes one N x D matrix; effective_ranks takes a batch")
+    return effective_ranks(features).item()
+
+
+def rank_profile(model, loader, device, n_token_images):
+    """One row per block: pooled-feature ranks over every image, token ranks averaged over the first n_token_images."""
+    token_sum, counted = torch.zeros(model.config.depth, dtype=torch.float64), [0]
+
+    def add_token_ranks(tokens):  # one [b, 1+n, d] per block
+        take = min(len(tokens[0]), n_token_images - counted[0])
+        if take > 0:
+            token_sum.add_(torch.stack([effective_ranks(t[:take]).sum() for t in tokens]))
+            counted[0] += take
+
+    feats = extract_features(model, loader, device, range(1, model.config.depth + 1), on_tokens=add_token_ranks)
+    cls, mean, a = effective_ranks(feats["cls"]), effective_ranks(feats["mean"]), model.alphas
+    rows = [{"layer": i + 1, "alpha_attn": a[2 * i], "alpha_mlp": a[2 * i + 1], "cls": cls[i].item(),
+             "mean": mean[i].item(), "tokens": (token_sum[i] / max(1, counted[0])).item()} for i in range(len(cls))]
+    return rows, counted[0]
+
+
+def schedule_label(cfg):
+    return "none (alpha 1)" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule}, alpha_min {cfg.alpha_min:g}"
+
+
+def describe(path, model):
+    pairs = " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(model.alphas[::2], model.alphas[1::2]))
+    return (f"{path}: schedule {schedule_label(model.config)}, total decay {math.prod(model.alphas):.2e}; "
+            f"shortcut weights (attn,mlp) per block {pairs}")
+
+
+def print_table(result):
+    print(f"{result['checkpoint']} ({result['label']}): effective rank; cls and mean over N = {result['n_images']} "
+          f"images, tokens: mean over {result['n_token_images']} images of each one's [1+n, d] token matrix")
+    print(f"{'block':>5}  {'alpha attn/mlp':>14}  {'cls':>7}  {'mean':>7}  {'tokens':>7}")
+    for r in result["layers"]:
+        print(f"{r['layer']:>5}  {r['alpha_attn']:>6.3f} {r['alpha_mlp']:>7.3f}  {r['cls']:>7.2f}  {r['mean']:>7.2f}  "
+              f"{r['tokens']:>7.2f}")
+
+
+def plot_ranks(results, path):
+    if (plt := pyplot()) is None:
+        return
+    labels = [r["label"] for r in results]  # two runs of one schedule: tell them apart by path
+    labels = [f"{label} ({r['checkpoint']})" if labels.count(label) > 1 else label for label, r in zip(labels, results)]
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(13, 4))
+    for ax, (key, title) in zip(axes, COLUMNS.items()):
+        for result, label in zip(results, labels):
+            ax.plot([r["layer"] for r in result["layers"]], [r[key] for r in result["layers"]], "o-", label=label)
+        ax.set(title=f"effective rank: {title}", xlabel="encoder block")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot -> {path}")
+
+
+def main():
+    parser = Parser(description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    a = parser.add_argument
+    a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints, in the same table and plot")
+    a("--n", type=at_least(0), default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
+    a("--n-tokens", type=at_least(0), default=512,
+      help="of those, images whose own token matrices are ranked (default %(default)s)")
+    a("--out", help="JSON path (default: rank.json beside the first checkpoint; the PNG beside it)")
+    args = parser.parse_args()
+    start, device = time.time(), pick_device(args.device)
+    models = {path: load_model(path) for path in [args.checkpoint, *args.compare]}
+    name, root = data_source(models[args.checkpoint][1], args)
+    results = []
+    for path, (model, _) in models.items():
+        print(describe(path, model))
+        images = get_split(name, "test", model.config.img_size, root, args.n)
+        try:
+            rows, n_tokens = rank_profile(model, make_loader(images, args.batch_size, device, args.workers), device,
+                                          args.n_tokens)
+        except data.DataError as error:
+            fail(str(error))
+        results.append({"checkpoint": path, "label": schedule_label(model.config), "n_images": len(images),
+                        "n_token_images": n_tokens, "alphas": model.alphas, "layers": rows})
+    for result in results:
+        print_table(result)
+    print(f"took {time.time() - start:.0f} s")
+    out = save_json(args.out or beside(args.checkpoint, "rank.json"), {
+        "data": name, "columns": COLUMNS, "sample": "seeded random sample of the test split (seed 0)",
+        "checkpoints": results, "seconds": round(time.time() - start, 1)})
+    plot_ranks(results, os.path.splitext(out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()

@@ -363,10 +363,11 @@ def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path):
     assert (out / "recon_epoch001.png").exists()
 
 
-def test_image_folder_pretraining_runs(tmp_path):
-    root = write_png_folder(str(tmp_path / "imgs"))
-    run("pretrain.py", "--model", "vit_p4_32", "--data", root, "--max-steps", 2, "--batch-size", 4,
-        "--out-dir", tmp_path / "run")
+def test_image_folder_pretraining_runs_and_skips_corrupt_files(tmp_path):
+    root = write_png_folder(str(tmp_path / "imgs"), corrupt=2)
+    result = run("pretrain.py", "--model", "vit_p4_32", "--data", root, "--epochs", 1, "--batch-size", 14,
+                 "--out-dir", tmp_path / "run")
+    assert "skipped 1 unreadable image" in result.stderr  # 14 files, 2 broken: the one epoch meets them
     assert M.MAE.from_checkpoint(str(tmp_path / "run" / "ckpt.pt")).config.img_size == 32
 
 
@@ -474,7 +475,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--img-size 30", "image size 30 is not divisible by patch size 4"),
     (PRETRAIN, "--mask-ratio 1.0", "mask ratio must be in (0, 1)"),
     (PRETRAIN, "--model vit_x", "unknown model preset 'vit_x'; choose one of vit_b16"),
-    (PRETRAIN, "--data {tmp}/nowhere", "unknown dataset"),
+    (PRETRAIN, "--data imagenett", "unknown dataset 'imagenett'"),
+    (PRETRAIN, "--data {tmp}/nowhere", "missing or empty data folder"),
     (PRETRAIN, "--data {tmp}/empty", "missing or empty data folder"),
     (PRETRAIN, "--resume {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),

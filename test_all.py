@@ -315,7 +315,7 @@ def test_image_folder_loads_with_both_transforms(tmp_path):
     # evaluation: resize to 36 then centre crop 32, normalised with ImageNet statistics, checked by hand
     from PIL import Image
     pil = Image.open(sorted(os.path.join(root, "val", "dog", f) for f in os.listdir(os.path.join(root, "val", "dog")))[1])
-    ref = torch.from_numpy(np.asarray(pil.resize((36, 36), Image.BICUBIC))[2:34, 2:34]).permute(2, 0, 1) / 255
+    ref = torch.from_numpy(np.array(pil.resize((36, 36), Image.BICUBIC))[2:34, 2:34]).permute(2, 0, 1) / 255
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in data.MEAN_STD["imagenet"])
     assert (img - (ref - mean) / std).abs().mean() < 0.05
 
@@ -601,3 +601,16 @@ def test_public_weights_path(tmp_path):
     result = run(PROBE, path, check=False)
     assert result.returncode == 2 and "--data" in result.stderr
     run(RANK, path, "--data", "shapes", "--n", 32, "--n-tokens", 4)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def test_bench_smoke(tmp_path):
+    out = run(PRETRAIN, "--bench", "--model", "vit_p4_32", "--batch-size", 8, "--bench-steps", 2,
+              "--out-dir", tmp_path / "never").stdout
+    assert "GFLOPs per image" in out
+    assert all(field in out for field in ("ms/step", "img/s", "mfu", "peak mem"))
+    assert not (tmp_path / "never").exists()  # a benchmark writes nothing
+    out = run(PRETRAIN, "--bench-data", "--model", "vit_p4_32", "--batch-size", 8, "--bench-steps", 2,
+              "--out-dir", tmp_path / "never").stdout
+    assert "bench-data: shapes" in out and "img/s" in out

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,7 +35,9 @@ ARMS = {  # name: pretrain.py flags
 
 def sh(*args):
     print("$", " ".join(map(str, args)), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True)
+    with open(os.devnull, "w") as quiet:  # each run keeps its own log.jsonl, probe.json and rank.json
+        subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=quiet,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def run_arm(name, flags, seed, epochs, out):
@@ -87,7 +90,7 @@ def figures(rows, alpha_min):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for arm, colour in (("none", "tab:gray"), (f"linear-{alpha_min}", "tab:red")):
         mine = [r for r in rows if r["arm"] == arm]
-        for key, ax, label in (("lp_by_layer", axes[0], "linear probe %"), ("knn_by_layer", axes[0], None),
+        for key, ax, label in (("lp_by_layer", axes[0], "accuracy % (solid: linear probe, dashed: k-NN)"), ("knn_by_layer", axes[0], None),
                                ("erank_by_layer", axes[1], "effective rank")):
             if not mine:
                 continue
@@ -115,16 +118,19 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=2, help="pretraining epochs per run (default: pretrain.py's CPU default)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--jobs", type=int, default=os.cpu_count(),
+                   help="runs at once, one thread each (2 one-thread runs beat one two-thread run on 2 cores)")
     args = p.parse_args()
     start, rows = time.time(), []
     for phase in ("first", "second"):  # cosine / exp take the best linear alpha_min, known after the first phase
-        alpha_min = best_linear_alpha_min(rows)
+        alpha_min, jobs = best_linear_alpha_min(rows), []
         for name in args.arms:
             if ("best" in name) != (phase == "second"):
                 continue
             flags = ARMS[name] + (["--alpha-min", alpha_min] if "best" in name else [])
-            for seed in args.seeds:
-                rows.append(run_arm(name, flags, seed, args.epochs, os.path.join(HERE, "runs", f"{name}-s{seed}")))
+            jobs += [(name, flags, seed, args.epochs, os.path.join(HERE, "runs", f"{name}-s{seed}")) for seed in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            rows += list(pool.map(lambda job: run_arm(*job), jobs))
     alpha_min = best_linear_alpha_min(rows)
     table = summarise(rows)
     text = markdown(table, alpha_min)

@@ -427,8 +427,11 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)  # no host sync
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
-            if step % args.log_every == 0 or end_of_epoch:
+            log_now = step % args.log_every == 0 or end_of_epoch
+            save_now = master and (end_of_epoch or (args.save_every and step % args.save_every == 0))
+            if log_now or save_now:  # the only host syncs of the loop
                 stop_if_not_finite(bad_step, lr, ckpt_path)
+            if log_now:
                 now = time.time()
                 img_s = (step - steps_at_log) * args.batch_size * args.accum_steps / (now - t_log)
                 mean_loss = loss_sum.item() / (step - steps_at_log)
@@ -439,8 +442,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                         f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
                 loss_sum.zero_()
                 t_log, steps_at_log = time.time(), step
-            if master and (end_of_epoch or (args.save_every and step % args.save_every == 0)):
-                stop_if_not_finite(bad_step, lr, ckpt_path)
+            if save_now:
                 save(model, optimizer, scaler, args, epoch, step, ckpt_path)
                 if end_of_epoch:
                     reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),

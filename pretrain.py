@@ -562,6 +562,8 @@ def bench_data(args, cfg, train_set):
     loader = torch.utils.data.DataLoader(SeededItems(train_set, args.seed, (cfg.img_size // cfg.patch_size) ** 2),
                                          batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                          drop_last=True)
+    if len(loader) < 2:
+        fail(f"--bench-data needs at least 2 batches of {args.batch_size} images; {args.data} has {len(train_set)}")
     batches = iter(loader)
     next(batches)  # workers start
     start = time.perf_counter()

@@ -486,6 +486,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--batch-size 1 --env-world 2", "batch size 1 must be a positive multiple of the 2 processes"),
     (PRETRAIN, "--epochs zero", "invalid int value"),
     (PRETRAIN, "--device cuda:0", "--device cuda:0"),
+    (PRETRAIN, "--bench-data --batch-size 40000", "--bench-data needs at least 2 batches of 40000 images"),
     (PROBE, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (PROBE, "{tmp}/notes.txt", "is not a checkpoint"),
     (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers"),

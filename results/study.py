@@ -4,8 +4,9 @@
     python results/study.py --seeds 0 --epochs 1 --arms none linear-0.6      # a quick look
 
 Each arm is pretrain.py, then probe.py and rank.py on its checkpoint, all through their command lines. Runs go to
-results/runs/<arm>-s<seed>/ (checkpoints are not committed); the summary (study.json, study.md) and the figures go
-to results/. An arm whose outputs exist is not rerun.
+<out>/runs/<arm>-s<seed>/ (checkpoints are not committed); the summary (study.json, study.md) and the figures go
+to <out> (default: results/). An arm whose outputs exist is not rerun. Runs go seed by seed, so a study cut short
+still holds whole seeds.
 """
 import argparse
 import json
@@ -33,6 +34,13 @@ ARMS = {  # name: pretrain.py flags
 }
 
 
+def machine():
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} + {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()} CPU cores"
+
+
 def sh(*args):
     print("$", " ".join(map(str, args)), flush=True)
     with open(os.devnull, "w") as quiet:  # each run keeps its own log.jsonl, probe.json and rank.json
@@ -40,12 +48,19 @@ def sh(*args):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def run_arm(name, flags, seed, epochs, out):
+def run_arm(name, flags, seed, epochs, out, extra):
     ckpt = os.path.join(out, "ckpt.pt")
     if not os.path.exists(os.path.join(out, "rank.json")):
-        sh("pretrain.py", *flags, "--seed", seed, "--epochs", epochs, "--out-dir", out, "--log-every", 100)
-        sh("probe.py", ckpt)
-        sh("rank.py", ckpt)
+        if extra["collect"]:
+            return None
+        try:
+            sh("pretrain.py", *flags, "--seed", seed, "--epochs", epochs, "--out-dir", out, "--log-every", 100,
+               *extra["pretrain"])
+            sh("probe.py", ckpt, *extra["probe"])
+            sh("rank.py", ckpt, *extra["rank"])
+        except subprocess.CalledProcessError as error:  # one failed run leaves the others standing
+            print(f"failed: {name} seed {seed} (exit {error.returncode}); left out of the table", flush=True)
+            return None
     probe = json.load(open(os.path.join(out, "probe.json")))
     ranks = json.load(open(os.path.join(out, "rank.json")))["checkpoints"][0]["layers"]
     pool = probe["headline"]["pooling"]
@@ -78,7 +93,7 @@ def markdown(table, alpha_min):
     return "\n".join(lines)
 
 
-def figures(rows, alpha_min):
+def figures(rows, alpha_min, out):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -109,8 +124,8 @@ def figures(rows, alpha_min):
     axes[2].set_ylabel("alpha_k")
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "study.png"), dpi=110)
-    print("figure:", os.path.join(HERE, "study.png"))
+    fig.savefig(os.path.join(out, "study.png"), dpi=110)
+    print("figure:", os.path.join(out, "study.png"))
 
 
 def main():
@@ -120,7 +135,14 @@ def main():
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--jobs", type=int, default=os.cpu_count(),
                    help="runs at once, one thread each (2 one-thread runs beat one two-thread run on 2 cores)")
+    p.add_argument("--out", default=HERE, help="folder for runs/, the summary and the figures (default: results/)")
+    p.add_argument("--collect", action="store_true", help="run nothing: summarise the runs that finished")
+    for stage in ("pretrain", "probe", "rank"):
+        p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string")
     args = p.parse_args()
+    extra = {stage: getattr(args, f"{stage}_args").split() for stage in ("pretrain", "probe", "rank")}
+    extra["collect"] = args.collect
+    os.makedirs(args.out, exist_ok=True)
     start, rows = time.time(), []
     for phase in ("first", "second"):  # cosine / exp take the best linear alpha_min, known after the first phase
         alpha_min, jobs = best_linear_alpha_min(rows), []
@@ -128,23 +150,25 @@ def main():
             if ("best" in name) != (phase == "second"):
                 continue
             flags = ARMS[name] + (["--alpha-min", alpha_min] if "best" in name else [])
-            jobs += [(name, flags, seed, args.epochs, os.path.join(HERE, "runs", f"{name}-s{seed}")) for seed in args.seeds]
+            jobs += [(name, flags, seed, args.epochs, os.path.join(args.out, "runs", f"{name}-s{seed}"), extra)
+                     for seed in args.seeds]
+        jobs.sort(key=lambda job: args.seeds.index(job[2]))  # seed by seed
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows += list(pool.map(lambda job: run_arm(*job), jobs))
+            rows += [row for row in pool.map(lambda job: run_arm(*job), jobs) if row]
     alpha_min = best_linear_alpha_min(rows)
     table = summarise(rows)
     text = markdown(table, alpha_min)
     print(text)
     minutes = (time.time() - start) / 60
     json.dump({"rows": rows, "table": table, "best_alpha_min": alpha_min, "epochs": args.epochs, "seeds": args.seeds,
-               "minutes": round(minutes, 1), "machine": f"{os.cpu_count()} CPU cores"},
-              open(os.path.join(HERE, "study.json"), "w"), indent=1)
-    open(os.path.join(HERE, "study.md"), "w").write(text + f"\n\n{minutes:.0f} minutes, {os.cpu_count()} CPU cores\n")
-    figures(rows, alpha_min)
-    first = os.path.join(HERE, "runs", f"linear-{alpha_min}-s{args.seeds[0]}")
+               "minutes": None if args.collect else round(minutes, 1), "machine": machine(), "command": " ".join(sys.argv)},
+              open(os.path.join(args.out, "study.json"), "w"), indent=1)
+    open(os.path.join(args.out, "study.md"), "w").write(text + ("" if args.collect else f"\n\n{minutes:.0f} minutes, {machine()}\n"))
+    figures(rows, alpha_min, args.out)
+    first = os.path.join(args.out, "runs", f"linear-{alpha_min}-s{args.seeds[0]}")
     grids = sorted(f for f in os.listdir(first) if f.startswith("recon")) if os.path.isdir(first) else []
     if grids:
-        shutil.copy(os.path.join(first, grids[-1]), os.path.join(HERE, "recon_linear.png"))
+        shutil.copy(os.path.join(first, grids[-1]), os.path.join(args.out, "recon_linear.png"))
 
 
 if __name__ == "__main__":

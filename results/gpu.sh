@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Every GPU number in the README, on one card (about 3 + 6 minutes on an H200):
+#   bash results/gpu.sh OUT_DIR [all|bench|study]     (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
+# bench: stages 1 and 3; study: stages 2 and 4
+# 1. --bench, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
+# 2. the default command on CUDA (compile + AMP), whole, with its wall time
+# 3. --bench-data on an ImageFolder of JPEGs it writes, 16 workers
+# 4. the issue-5 study of the CPU preset (8 arms x 3 seeds) and a longer none / linear run, side by side
+# Each stage has its own time limit, so one that overruns leaves the rest standing; the study gets what is left
+# of BUDGET_S (default 540 s, counted from the start) less 90 s, kept for summarising and packing its files.
+set -u
+OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|study]}
+STAGE=${2:-all}
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 90 ))
+mkdir -p "$OUT"
+PY=${PY:-python3}
+QUICK=${QUICK:-0}  # QUICK=1: a tiny CPU dry run of this script's plumbing, no numbers
+export PYTHONUNBUFFERED=1
+exec > >(tee "$OUT/gpu-$STAGE.log") 2>&1
+stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
+
+stamp env
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null
+$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
+nproc
+
+if [ "$QUICK" = 1 ]; then
+  BENCH="--model vit_p4_32 --batch-size 32 --bench-steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
+  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 cosine-best"; LONG="--epochs 1 --seeds 0 --arms none"; CAP="--max-steps 3"
+  PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
+else
+  BENCH="--model vit_b16 --batch-size 256 --bench-steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
+  STUDY="--epochs 2"; LONG="--epochs 8 --seeds 0 --arms none linear-0.6"
+  PROBE=""; RANK=""; CAP=""
+fi
+
+if [ "$STAGE" != study ]; then
+stamp "bench eager (ours vs timm Block)"
+timeout 120 $PY pretrain.py --bench --no-compile $BENCH
+stamp "bench compiled (ours) vs timm Block eager"
+timeout 240 $PY pretrain.py --bench --compile $BENCH
+
+stamp "bench-data: ImageFolder of $N_JPEG JPEGs, $WORKERS workers"
+$PY - "$OUT/jpegs" "$N_JPEG" <<'EOF'
+import os, sys
+from multiprocessing import Pool
+import numpy as np
+from PIL import Image
+root, n = sys.argv[1], int(sys.argv[2])
+def write(i):  # ImageNet-like size and detail: smooth colour fields plus grain, quality 90
+    rng = np.random.default_rng(i)
+    base = np.asarray(Image.fromarray(rng.integers(0, 255, (12, 16, 3), np.uint8)).resize((500, 375), Image.BICUBIC))
+    img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    split = "val" if i < 64 else "train"
+    folder = os.path.join(root, split, f"class{i % 10}")
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(img).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+with Pool() as pool:
+    pool.map(write, range(n + 64))
+EOF
+timeout 90 $PY pretrain.py --bench-data --data "$OUT/jpegs" --workers $WORKERS --batch-size 256 --bench-steps 25
+timeout 60 $PY pretrain.py --bench-data --workers $WORKERS --batch-size 256 --bench-steps 25
+rm -rf "$OUT/jpegs"
+
+fi
+
+if [ "$STAGE" != bench ]; then
+$PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"  # the embedded data, cached once
+stamp "the default command, on this machine's default device"
+T0=$(date +%s)
+timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --log-every 100 $DEFAULT \
+  && echo "default command wall: $(( $(date +%s) - T0 )) s" \
+  && timeout 60 $PY probe.py "$OUT/default/ckpt.pt" $PROBE | tail -4
+
+
+stamp "study: CPU preset, 8 arms x 3 seeds, and longer none / linear runs, at once"
+RUNS="$OUT/study"
+STUDY_S=$(( DEADLINE - $(date +%s) ))
+echo "study time limit: $STUDY_S s"
+timeout $STUDY_S $PY results/study.py --out "$RUNS/short" --jobs 6 $STUDY \
+  --pretrain-args="--no-compile --workers 2 --batch-size 128 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK" \
+  || $PY results/study.py --out "$RUNS/short" --collect $STUDY | tail -12 &  # cut short: summarise what finished
+SHORT=$!
+timeout $STUDY_S $PY results/study.py --out "$RUNS/long" --jobs 2 $LONG \
+  --pretrain-args="--no-compile --workers 4 --batch-size 128 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK" \
+  || $PY results/study.py --out "$RUNS/long" --collect $LONG | tail -6 &
+wait $SHORT
+wait
+stamp "pack"
+find "$OUT" -name ckpt.pt -delete
+tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" study default
+fi
+stamp done

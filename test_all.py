@@ -615,3 +615,23 @@ def test_bench_smoke(tmp_path):
     out = run(PRETRAIN, "--bench-data", "--model", "vit_p4_32", "--batch-size", 8, "--bench-steps", 2,
               "--out-dir", tmp_path / "never").stdout
     assert "bench-data: shapes" in out and "img/s" in out
+
+
+# ----------------------------------------------------------------------------- the study's summary
+
+def test_study_summarises_finished_runs_by_hand(tmp_path):
+    """Two fake finished runs of one arm, two blocks each; a third seed never finished and is left out."""
+    fake = {0: ([12.0, 10.0], [9.0, 11.0], [6.0, 3.0]), 1: ([14.0, 20.0], [13.0, 15.0], [8.0, 5.0])}
+    for seed, (lp, knn, ranks) in fake.items():
+        folder = tmp_path / "runs" / f"none-s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "probe.json").write_text(json.dumps({"headline": {"pooling": "mean"},
+                                                       "layers": [{"lp_mean": a, "knn_mean": k} for a, k in zip(lp, knn)]}))
+        (folder / "rank.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": r} for r in ranks]}]}))
+    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, 1, 2, "--arms", "none")
+    table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
+    assert table["seeds"] == 2
+    assert table["lp_last"] == [15.0, 5.0]       # mean of 10 and 20, population std 5
+    assert table["lp_best"] == [16.0, 4.0]       # best blocks 12 and 20
+    assert table["knn_best"] == [13.0, 2.0]      # 11 and 15
+    assert table["erank_last"] == [4.0, 1.0]     # 3 and 5

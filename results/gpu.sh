@@ -84,8 +84,8 @@ SHORT=$!
 timeout $STUDY_S $PY results/study.py --out "$RUNS/long" --jobs 2 $LONG \
   --pretrain-args="--no-compile --workers 4 --batch-size 128 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK" \
   || $PY results/study.py --out "$RUNS/long" --collect $LONG | tail -6 &
-wait $SHORT
-wait
+LONG_RUNS=$!
+wait $SHORT $LONG_RUNS  # by name: a bare `wait` would also wait for the `tee` behind this log, forever
 stamp "pack"
 find "$OUT" -name ckpt.pt -delete
 tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" study default

@@ -87,6 +87,13 @@ def param_groups(model, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def optimizer_and_scaler(model, weight_decay, device):
+    """MAE's AdamW (betas 0.9, 0.95; fused on CUDA) and a GradScaler that only fp16 needs; the lr is set per step."""
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95), fused=cuda)
+    return optimizer, torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
+
+
 def flops_per_image(cfg, mask_ratio):
     """Matmul FLOPs of one forward pass of the masked MAE as run (x3 for forward + backward).
 
@@ -184,7 +191,6 @@ def reconstruction_grid(model, imgs, noise, mean_std, path):
     rows = torch.cat([imgs, masked, recon]) * std + mean
     save_image(rows.clamp(0, 1), path, nrow=len(imgs))
     model.train()
-
 
 
 # ----------------------------------------------------------------------------- command line
@@ -364,15 +370,11 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-
-
 def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     master, cuda = rank == 0, device.type == "cuda"
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     model = MAE(cfg).to(device)  # the same initial weights on every process
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
-                                  fused=cuda)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
+    optimizer, scaler = optimizer_and_scaler(model, args.weight_decay, device)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -489,7 +491,6 @@ def keep_log_until(log_path, step):
         f.writelines(lines)
 
 
-
 # ----------------------------------------------------------------------------- benchmarks
 
 def timm_reference(cfg):
@@ -510,8 +511,9 @@ def timm_reference(cfg):
 
 def seconds_per_step(model, device, imgs, steps, warmup):
     """Full training steps on one batch that already sits on the device; synchronises only around the timing."""
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    optimizer, scaler = optimizer_and_scaler(model, 0.05, device)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)

@@ -371,6 +371,17 @@ def test_image_folder_pretraining_runs_and_skips_corrupt_files(tmp_path):
     assert M.MAE.from_checkpoint(str(tmp_path / "run" / "ckpt.pt")).config.img_size == 32
 
 
+def test_keep_every_keeps_epoch_snapshots(tmp_path):
+    root = write_png_folder(str(tmp_path / "imgs"))  # 12 training images: 3 steps of 4 per epoch
+    run("pretrain.py", "--model", "vit_p4_32", "--data", root, "--epochs", 4, "--batch-size", 4, "--keep-every", 2,
+        "--out-dir", tmp_path / "run")
+    kept = sorted(f.name for f in (tmp_path / "run").glob("ckpt_epoch*.pt"))
+    assert kept == ["ckpt_epoch002.pt", "ckpt_epoch004.pt"]
+    assert torch.load(tmp_path / "run" / kept[0], weights_only=True)["step"] == 6
+    last, final = (torch.load(tmp_path / "run" / f, weights_only=True) for f in (kept[1], "ckpt.pt"))
+    assert all(torch.equal(last["model"][k], final["model"][k]) for k in final["model"])
+
+
 def load_weights(path):
     return torch.load(path, weights_only=True)["model"]
 
@@ -485,6 +496,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--out-dir {tmp}/notes.txt/sub", "cannot write to --out-dir"),
     (PRETRAIN, "--batch-size 1 --env-world 2", "batch size 1 must be a positive multiple of the 2 processes"),
     (PRETRAIN, "--epochs zero", "invalid int value"),
+    (PRETRAIN, "--keep-every -1", "--save-every and --keep-every at least 0"),
     (PRETRAIN, "--device cuda:0", "--device cuda:0"),
     (PRETRAIN, "--bench-data --batch-size 40000", "--bench-data needs at least 2 batches of 40000 images"),
     (PROBE, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU number in the README, on one card (about 3 + 6 minutes on an H200):
+# Every GPU number in the README, on one card (about 3 + 9 minutes on an H200):
 #   bash results/gpu.sh OUT_DIR [all|bench|study]     (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
-# bench: stages 1 and 3; study: stages 2 and 4
+# bench: stages 1 and 3; study: stage 4; all: every stage
 # 1. --bench, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
 # 2. the default command on CUDA (compile + AMP), whole, with its wall time
 # 3. --bench-data on an ImageFolder of JPEGs it writes, 16 workers
-# 4. the issue-5 study of the CPU preset (8 arms x 3 seeds) and a longer none / linear run, side by side
+# 4. the issue-5 study of the CPU preset (8 arms x 3 seeds) and, beside it, results/curve.py: 16-epoch runs of the
+#    GPU default recipe probed every 4 epochs (none, linear-0.8, linear-0.6)
 # Each stage has its own time limit, so one that overruns leaves the rest standing; the study gets what is left
-# of BUDGET_S (default 540 s, counted from the start) less 90 s, kept for summarising and packing its files.
+# of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for summarising and packing its files.
 set -u
 OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|study]}
 STAGE=${2:-all}
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 90 ))
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
 mkdir -p "$OUT"
 PY=${PY:-python3}
 QUICK=${QUICK:-0}  # QUICK=1: a tiny CPU dry run of this script's plumbing, no numbers
@@ -26,11 +27,11 @@ nproc
 
 if [ "$QUICK" = 1 ]; then
   BENCH="--model vit_p4_32 --batch-size 32 --bench-steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
-  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 cosine-best"; LONG="--epochs 1 --seeds 0 --arms none"; CAP="--max-steps 3"
+  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 cosine-best"; CURVE="--epochs 2 --every 1 --arms none"; CAP="--max-steps 3"
   PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
 else
   BENCH="--model vit_b16 --batch-size 256 --bench-steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
-  STUDY="--epochs 2"; LONG="--epochs 8 --seeds 0 --arms none linear-0.6"
+  STUDY="--epochs 2"; CURVE="--epochs 16 --every 4 --arms none linear-0.8 linear-0.6"
   PROBE=""; RANK=""; CAP=""
 fi
 
@@ -64,30 +65,31 @@ rm -rf "$OUT/jpegs"
 
 fi
 
-if [ "$STAGE" != bench ]; then
+if [ "$STAGE" = all ]; then
 $PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"  # the embedded data, cached once
 stamp "the default command, on this machine's default device"
 T0=$(date +%s)
 timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --log-every 100 $DEFAULT \
   && echo "default command wall: $(( $(date +%s) - T0 )) s" \
   && timeout 60 $PY probe.py "$OUT/default/ckpt.pt" $PROBE | tail -4
+fi
 
-
-stamp "study: CPU preset, 8 arms x 3 seeds, and longer none / linear runs, at once"
+if [ "$STAGE" != bench ]; then
+$PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"
+stamp "study (CPU preset, 8 arms x 3 seeds) and, niced beside it, the training curves (GPU default recipe)"
 RUNS="$OUT/study"
 STUDY_S=$(( DEADLINE - $(date +%s) ))
 echo "study time limit: $STUDY_S s"
-timeout $STUDY_S $PY results/study.py --out "$RUNS/short" --jobs 6 $STUDY \
-  --pretrain-args="--no-compile --workers 2 --batch-size 128 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK" \
+timeout $STUDY_S $PY results/study.py --out "$RUNS/short" --jobs 10 $STUDY \
+  --pretrain-args="--no-compile --workers 2 --batch-size 128 $CAP" --probe-args="--workers 1 $PROBE" --rank-args="--workers 1 $RANK" \
   || $PY results/study.py --out "$RUNS/short" --collect $STUDY | tail -12 &  # cut short: summarise what finished
 SHORT=$!
-timeout $STUDY_S $PY results/study.py --out "$RUNS/long" --jobs 2 $LONG \
-  --pretrain-args="--no-compile --workers 4 --batch-size 128 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK" \
-  || $PY results/study.py --out "$RUNS/long" --collect $LONG | tail -6 &
-LONG_RUNS=$!
-wait $SHORT $LONG_RUNS  # by name: a bare `wait` would also wait for the `tee` behind this log, forever
+timeout $STUDY_S nice -n 10 $PY results/curve.py --out "$RUNS/curve" $CURVE --train-seconds $(( STUDY_S - 150 )) \
+  --pretrain-args="--workers 3 $CAP" --probe-args="--workers 1 $PROBE" --rank-args="--workers 1 $RANK" &
+CURVE_RUNS=$!
+wait $SHORT $CURVE_RUNS  # by name: a bare `wait` would also wait for the `tee` behind this log, forever
 stamp "pack"
-find "$OUT" -name ckpt.pt -delete
-tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" study default
+find "$OUT" -name "ckpt*.pt" -delete
+tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" study $( [ -d "$OUT/default" ] && echo default )
 fi
 stamp done

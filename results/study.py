@@ -41,11 +41,14 @@ def machine():
     return f"{os.cpu_count()} CPU cores"
 
 
-def sh(*args):
-    print("$", " ".join(map(str, args)), flush=True)
+def sh(*args, timeout=None):
+    start = time.time()
     with open(os.devnull, "w") as quiet:  # each run keeps its own log.jsonl, probe.json and rank.json
-        subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=quiet,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=quiet, timeout=timeout,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        finally:
+            print(f"$ {' '.join(map(str, args))}   [{time.time() - start:.0f} s]", flush=True)
 
 
 def run_arm(name, flags, seed, epochs, out, extra):

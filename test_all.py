@@ -647,3 +647,21 @@ def test_study_summarises_finished_runs_by_hand(tmp_path):
     assert table["lp_best"] == [16.0, 4.0]       # best blocks 12 and 20
     assert table["knn_best"] == [13.0, 2.0]      # 11 and 15
     assert table["erank_last"] == [4.0, 1.0]     # 3 and 5
+
+
+def test_curve_probes_each_kept_checkpoint(tmp_path):
+    """curve.py's last point is the finished run: it must match probe.py and rank.py run on ckpt.pt directly."""
+    root = write_png_folder(str(tmp_path / "imgs"))
+    tiny_run = "--model vit_p4_32 --batch-size 4 --data " + root
+    quick = ["--probe-args=--epochs 3", "--rank-args=--n 0 --n-tokens 4"]
+    run("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c",
+        f"--pretrain-args={tiny_run}", *quick)
+    points = json.loads((tmp_path / "c" / "curve.json").read_text())["curves"]["none"]
+    assert [p["epoch"] for p in points] == [1, 2]
+    final = tmp_path / "c" / "runs" / "none" / "ckpt.pt"
+    run("probe.py", final, "--epochs", 3, "--out", tmp_path / "probe.json")
+    run("rank.py", final, "--n", 0, "--n-tokens", 4, "--out", tmp_path / "rank.json")
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    pool = probe["headline"]["pooling"]
+    assert points[-1]["lp_last"] == probe["layers"][-1]["lp_" + pool]
+    assert points[-1]["erank_last"] == json.loads((tmp_path / "rank.json").read_text())["checkpoints"][0]["layers"][-1][pool]

@@ -5,7 +5,8 @@
 Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets probe.py (probe_eNNN.json) and all of
 them one rank.py table. The summary (curve.json) and the figure (curve.png: last-block linear probe, best-block
 linear probe and last-block effective rank against epochs, with the raw-pixel floor of baselines.json) go to <out>.
---train-seconds caps each pretraining: the checkpoints kept by then are still probed.
+--train-seconds caps each pretraining: the checkpoints kept by then are still probed. An arm whose last checkpoint
+(ckpt_epoch<EPOCHS>.pt) exists is not retrained, only probed.
 """
 import argparse
 import glob
@@ -23,6 +24,8 @@ from study import ARMS, machine, sh  # noqa: E402
 
 def train(name, args, extra):
     out = os.path.join(args.out, "runs", name)
+    if os.path.exists(os.path.join(out, f"ckpt_epoch{args.epochs:03d}.pt")):  # finished before: probe only
+        return sorted(glob.glob(os.path.join(out, "ckpt_epoch*.pt")))
     flags = ARMS[name] + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
                           "--log-every", 100, *extra["pretrain"]]
     try:

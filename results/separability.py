@@ -14,7 +14,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import probe  # noqa: E402
-from model import MAE  # noqa: E402
 
 
 def logistic_regression(train_x, train_y, test_x, test_y, weight_decay=1e-3, n_classes=10):

@@ -46,7 +46,7 @@ def sh(*args, timeout=None):
     with open(os.devnull, "w") as quiet:  # each run keeps its own log.jsonl, probe.json and rank.json
         try:
             subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=quiet, timeout=timeout,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={"OMP_NUM_THREADS": "1", **os.environ})
         finally:
             print(f"$ {' '.join(map(str, args))}   [{time.time() - start:.0f} s]", flush=True)
 
@@ -137,7 +137,8 @@ def main():
     p.add_argument("--epochs", type=int, default=2, help="pretraining epochs per run (default: pretrain.py's CPU default)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--jobs", type=int, default=os.cpu_count(),
-                   help="runs at once, one thread each (2 one-thread runs beat one two-thread run on 2 cores)")
+                   help="runs at once, one thread each unless OMP_NUM_THREADS says otherwise (2 one-thread runs "
+                        "beat one two-thread run on 2 cores)")
     p.add_argument("--out", default=HERE, help="folder for runs/, the summary and the figures (default: results/)")
     p.add_argument("--collect", action="store_true", help="run nothing: summarise the runs that finished")
     for stage in ("pretrain", "probe", "rank"):

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU number in the README, on one card (about 3 + 9 minutes on an H200):
-#   bash results/gpu.sh OUT_DIR [all|bench|study]     (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
-# bench: stages 1 and 3; study: stage 4; all: every stage
+# Every GPU number in the README, on one card; each stage but `all` fits one 10-minute call on an H200:
+#   bash results/gpu.sh OUT_DIR [all|bench|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
+# bench: stages 1 and 3 (about 4 minutes); default: stage 2 (2 minutes); study: stage 4 (6 minutes); curve: stage 5
 # 1. --bench, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
 # 2. the default command on CUDA (compile + AMP), whole, with its wall time
 # 3. --bench-data on an ImageFolder of JPEGs it writes, 16 workers
-# 4. the issue-5 study of the CPU preset (8 arms x 3 seeds) and, beside it, results/curve.py: 16-epoch runs of the
-#    GPU default recipe probed every 4 epochs (none, linear-0.8, linear-0.6)
+# 4. the issue-5 study of the CPU preset (8 arms x 3 seeds)
+# 5. results/curve.py, none and linear-0.6 side by side, 12 and then 24 epochs of the GPU default recipe, each
+#    probed and ranked at 4 checkpoints (about 3 + 5 minutes: give it BUDGET_S=560)
 # Each stage has its own time limit, so one that overruns leaves the rest standing; the study gets what is left
 # of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for summarising and packing its files.
 set -u
-OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|study]}
+OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|default|study|curve]}
 STAGE=${2:-all}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
 mkdir -p "$OUT"
@@ -27,15 +28,15 @@ nproc
 
 if [ "$QUICK" = 1 ]; then
   BENCH="--model vit_p4_32 --batch-size 32 --bench-steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
-  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 cosine-best"; CURVE="--epochs 2 --every 1 --arms none"; CAP="--max-steps 3"
+  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 cosine-best"; CURVE_EPOCHS="4"; CAP="--max-steps 3"
   PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
 else
   BENCH="--model vit_b16 --batch-size 256 --bench-steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
-  STUDY="--epochs 2"; CURVE="--epochs 16 --every 4 --arms none linear-0.8 linear-0.6"
+  STUDY="--epochs 2"; CURVE_EPOCHS="12 24"
   PROBE=""; RANK=""; CAP=""
 fi
 
-if [ "$STAGE" != study ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
 stamp "bench eager (ours vs timm Block)"
 timeout 120 $PY pretrain.py --bench --no-compile $BENCH
 stamp "bench compiled (ours) vs timm Block eager"
@@ -65,7 +66,7 @@ rm -rf "$OUT/jpegs"
 
 fi
 
-if [ "$STAGE" = all ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = default ]; then
 $PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"  # the embedded data, cached once
 stamp "the default command, on this machine's default device"
 T0=$(date +%s)
@@ -74,22 +75,29 @@ timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --l
   && timeout 60 $PY probe.py "$OUT/default/ckpt.pt" $PROBE | tail -4
 fi
 
-if [ "$STAGE" != bench ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = study ]; then
 $PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"
-stamp "study (CPU preset, 8 arms x 3 seeds) and, niced beside it, the training curves (GPU default recipe)"
-RUNS="$OUT/study"
+stamp "study: the CPU preset, 8 arms x 3 seeds, 10 runs at once"
 STUDY_S=$(( DEADLINE - $(date +%s) ))
 echo "study time limit: $STUDY_S s"
-timeout $STUDY_S $PY results/study.py --out "$RUNS/short" --jobs 10 $STUDY \
+timeout $STUDY_S $PY results/study.py --out "$OUT/study" --jobs 10 $STUDY \
   --pretrain-args="--no-compile --workers 2 --batch-size 128 $CAP" --probe-args="--workers 1 $PROBE" --rank-args="--workers 1 $RANK" \
-  || $PY results/study.py --out "$RUNS/short" --collect $STUDY | tail -12 &  # cut short: summarise what finished
-SHORT=$!
-timeout $STUDY_S nice -n 10 $PY results/curve.py --out "$RUNS/curve" $CURVE --train-seconds $(( STUDY_S - 150 )) \
-  --pretrain-args="--workers 3 $CAP" --probe-args="--workers 1 $PROBE" --rank-args="--workers 1 $RANK" &
-CURVE_RUNS=$!
-wait $SHORT $CURVE_RUNS  # by name: a bare `wait` would also wait for the `tee` behind this log, forever
+  || $PY results/study.py --out "$OUT/study" --collect $STUDY | tail -12  # cut short: summarise what finished
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = curve ]; then
+$PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"
+for EPOCHS in $CURVE_EPOCHS; do  # the GPU default recipe (batch 256, compiled, bf16), none and linear-0.6 side by side
+  stamp "curve: $EPOCHS epochs, a checkpoint probed every $(( EPOCHS / 4 ))"
+  timeout $(( DEADLINE - $(date +%s) )) $PY results/curve.py --out "$OUT/curve$EPOCHS" --arms none linear-0.6 \
+    --epochs $EPOCHS --every $(( EPOCHS / 4 )) --train-seconds $(( DEADLINE - $(date +%s) - 90 )) \
+    --pretrain-args="--workers 6 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
+done
+fi
+
+if [ "$STAGE" != bench ]; then
 stamp "pack"
 find "$OUT" -name "ckpt*.pt" -delete
-tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" study $( [ -d "$OUT/default" ] && echo default )
+tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d default study curve* 2>/dev/null)
 fi
 stamp done

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import ARMS, machine, sh  # noqa: E402
+from study import ARMS, machine, probe_summary, sh  # noqa: E402
 
 
 def train(name, args, extra):
@@ -45,11 +45,7 @@ def probe(path, extra):
     out = path.replace("ckpt_epoch", "probe_e").replace(".pt", ".json")
     if not os.path.exists(out):
         sh("probe.py", path, "--out", out, *extra["probe"])
-    result = json.load(open(out))
-    pool = result["headline"]["pooling"]
-    lp = [r["lp_" + pool] for r in result["layers"]]
-    knn = [r["knn_" + pool] for r in result["layers"]]
-    return dict(epoch=epoch_of(path), lp_last=lp[-1], lp_best=max(lp), knn_last=knn[-1], knn_best=max(knn), pooling=pool)
+    return dict(epoch=epoch_of(path), **probe_summary(out))
 
 
 def rank(paths, extra):

@@ -66,8 +66,9 @@ rm -rf "$OUT/jpegs"
 
 fi
 
+[ "$STAGE" = bench ] || $PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"  # the embedded data, cached once
+
 if [ "$STAGE" = all ] || [ "$STAGE" = default ]; then
-$PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"  # the embedded data, cached once
 stamp "the default command, on this machine's default device"
 T0=$(date +%s)
 timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --log-every 100 $DEFAULT \
@@ -76,7 +77,6 @@ timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --l
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = study ]; then
-$PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"
 stamp "study: the CPU preset, 8 arms x 3 seeds, 10 runs at once"
 STUDY_S=$(( DEADLINE - $(date +%s) ))
 echo "study time limit: $STUDY_S s"
@@ -86,7 +86,6 @@ timeout $STUDY_S $PY results/study.py --out "$OUT/study" --jobs 10 $STUDY \
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = curve ]; then
-$PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"
 for EPOCHS in $CURVE_EPOCHS; do  # the GPU default recipe (batch 256, compiled, bf16), none and linear-0.6 side by side
   stamp "curve: $EPOCHS epochs, a checkpoint probed every $(( EPOCHS / 4 ))"
   timeout $(( DEADLINE - $(date +%s) )) $PY results/curve.py --out "$OUT/curve$EPOCHS" --arms none linear-0.6 \

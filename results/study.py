@@ -64,12 +64,19 @@ def run_arm(name, flags, seed, epochs, out, extra):
         except subprocess.CalledProcessError as error:  # one failed run leaves the others standing
             print(f"failed: {name} seed {seed} (exit {error.returncode}); left out of the table", flush=True)
             return None
-    probe = json.load(open(os.path.join(out, "probe.json")))
+    probe = probe_summary(os.path.join(out, "probe.json"))
     ranks = json.load(open(os.path.join(out, "rank.json")))["checkpoints"][0]["layers"]
+    pool = probe.pop("pooling")
+    return dict(arm=name, seed=seed, **probe, erank_last=ranks[-1][pool], erank_by_layer=[r[pool] for r in ranks])
+
+
+def probe_summary(path):
+    """Last-block and best-block accuracy of a probe.json, in its headline pooling, and the per-block lists."""
+    probe = json.load(open(path))
     pool = probe["headline"]["pooling"]
     lp, knn = [r["lp_" + pool] for r in probe["layers"]], [r["knn_" + pool] for r in probe["layers"]]
-    return dict(arm=name, seed=seed, lp_last=lp[-1], lp_best=max(lp), knn_last=knn[-1], knn_best=max(knn),
-                erank_last=ranks[-1][pool], lp_by_layer=lp, knn_by_layer=knn, erank_by_layer=[r[pool] for r in ranks])
+    return dict(lp_last=lp[-1], lp_best=max(lp), knn_last=knn[-1], knn_best=max(knn), lp_by_layer=lp,
+                knn_by_layer=knn, pooling=pool)
 
 
 def best_linear_alpha_min(rows):

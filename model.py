@@ -7,7 +7,9 @@ Read top to bottom: alpha, blocks, ViT encoder, MAE, config, checkpoint loading.
 einops axis letters: b batch, n tokens, d channels, h/w patch grid, p1/p2 pixels inside a patch,
 c colour channels, nh attention heads, hd channels per head.
 """
+import itertools
 import math
+import operator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,6 +42,16 @@ def encoder_alphas(depth, schedule, alpha_min):
     """One alpha per encoder sub-layer k = 0 .. 2*depth-1 (attention and MLP each count), in order."""
     n = 2 * depth
     return [alpha(k / (n - 1), schedule, alpha_min) for k in range(n)]
+
+
+def shortcut_weights(cfg):
+    """The alphas the encoder uses: the schedule's, or all 1 when decay is taken as a learning rate."""
+    return [1.0] * 2 * cfg.depth if cfg.decay_as_lr else encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
+
+
+def stream_scales(depth, schedule, alpha_min):
+    """c_k = alpha_0 * ... * alpha_k: the decayed stream after sub-layer k is c_k times the residual one (SPEC 8)."""
+    return list(itertools.accumulate(encoder_alphas(depth, schedule, alpha_min), operator.mul))
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -107,7 +119,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Linear(p * p * cfg.in_chans, cfg.width)  # a stride-p conv, written as a Linear
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.register_buffer("pos_embed", with_cls_slot(sincos_pos_embed(cfg.width, grid)), persistent=False)
-        a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
+        a = shortcut_weights(cfg)
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, a[2 * i], a[2 * i + 1]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6) if cfg.encoder_norm else nn.Identity()
@@ -167,11 +179,21 @@ class SkipFuse(nn.Module):
     def __init__(self, dec_dim, enc_dim):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, enc_dim))
-        self.fc1, self.act, self.fc2 = nn.Linear(dec_dim + enc_dim, dec_dim), nn.SiLU(), nn.Linear(dec_dim, dec_dim)
+        # one Linear over the concatenation, written as two summed, so each half can get its own learning rate
+        self.fc1_dec, self.fc1_enc = nn.Linear(dec_dim, dec_dim), nn.Linear(enc_dim, dec_dim, bias=False)
+        self.act, self.fc2 = nn.SiLU(), nn.Linear(dec_dim, dec_dim)
+
+    def reset_fc1(self):
+        """Xavier-uniform over the concatenated input, as the single Linear of the authors' code."""
+        joint = torch.empty(self.fc1_dec.out_features, self.fc1_dec.in_features + self.fc1_enc.in_features)
+        nn.init.xavier_uniform_(joint)
+        with torch.no_grad():
+            self.fc1_dec.weight.copy_(joint[:, :self.fc1_dec.in_features])
+            self.fc1_enc.weight.copy_(joint[:, self.fc1_dec.in_features:])
 
     def forward(self, x, feature, ids_restore):
         full = unshuffle(feature, self.mask_token, ids_restore)
-        return x + self.fc2(self.act(self.fc1(torch.cat([x, full], dim=-1))))
+        return x + self.fc2(self.act(self.fc1_dec(x) + self.fc1_enc(full)))
 
 
 class MAE(nn.Module):
@@ -198,20 +220,42 @@ class MAE(nn.Module):
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.fc2.weight)
         for skip in getattr(self, "skips", []):
+            skip.reset_fc1()
             nn.init.zeros_(skip.fc2.weight)
         nn.init.zeros_(self.decoder_pred.weight)
         for name, param in self.named_parameters():
             if name.endswith(("cls_token", "mask_token")):
                 nn.init.normal_(param, std=0.02)
+        with torch.no_grad():  # decay as a learning rate starts from the decayed model's function
+            for name, scale in self.decay_scales().items():
+                self.get_parameter(name).mul_(scale)
 
     @property
     def alphas(self):
-        c = self.config
-        return encoder_alphas(c.depth, c.alpha_schedule, c.alpha_min)
+        return shortcut_weights(self.config)
 
     @property
     def skip_blocks(self):  # encoder blocks 1, 3, 5, ... feed the decoder, deepest first
         return list(range(1, self.config.depth, 2))[::-1]
+
+    def decay_scales(self):
+        """{parameter name: s} under decay_as_lr, else {}. The residual encoder whose parameters are s times the
+        decayed encoder's computes the same function (exactly, but for LayerNorm's eps), so AdamW trains it the
+        same way with that tensor's lr x s, eps / s and weight decay / s (SPEC 8). Each branch's last layer
+        reads s = 1 / c_k; a skip reads block b's raw output (scale c of its MLP sub-layer; the deepest skip
+        reads after the final norm, scale 1): its encoder-side fc1 takes s = c, its mask token 1 / c."""
+        cfg = self.config
+        if not cfg.decay_as_lr:
+            return {}
+        c = stream_scales(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
+        scales = {}
+        for i in range(cfg.depth):
+            for k, layer in ((2 * i, "attn.proj"), (2 * i + 1, "mlp.fc2")):
+                scales |= {f"encoder.blocks.{i}.{layer}.{t}": 1 / c[k] for t in ("weight", "bias")}
+        for j, b in enumerate(self.skip_blocks[:len(getattr(self, "skips", []))]):
+            c_b = 1.0 if b == cfg.depth - 1 else c[2 * b + 1]
+            scales |= {f"skips.{j}.fc1_enc.weight": c_b, f"skips.{j}.mask_token": 1 / c_b}
+        return scales
 
     def forward(self, imgs, mask_ratio=None, noise=None):
         """Returns (loss on hidden patches, predicted patches [b, n, p*p*c], mask [b, n] with 1 = hidden)."""
@@ -269,7 +313,8 @@ class MAE(nn.Module):
 def init_weights(m):
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
-        nn.init.zeros_(m.bias)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
@@ -297,6 +342,8 @@ class MAEConfig:
     encoder_norm: bool = True
     norm_pix_loss: bool = True
     mask_ratio: float = 0.75
+    # Train the residual encoder (alpha = 1) with the learning rates that make it the decayed one (decay_scales).
+    decay_as_lr: bool = False
 
     def __post_init__(self):
         alpha(0.0, self.alpha_schedule, self.alpha_min)  # raises on a bad schedule or alpha_min
@@ -304,6 +351,8 @@ class MAEConfig:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decay_as_lr and not self.encoder_norm:
+            raise ValueError("decay as a learning rate needs the final encoder norm: without it the output keeps the stream's scale")
         for width, heads in ((self.width, self.heads), (self.decoder_width, self.decoder_heads)):
             if width % heads or width % 4:
                 raise ValueError(f"width {width} must be divisible by 4 and by its {heads} heads")

@@ -22,101 +22,34 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, unpatchify
+from common import (SEED, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint, lr_at, non_negative,
+                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, save_atomic, whole)
+from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-
-
-# ----------------------------------------------------------------------------- shared by every stage
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def pick_device(name="auto"):
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            fail(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            fail(f"--device {name}: no CUDA device on this machine; use --device auto or cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast(device):
-    """bf16 on CUDA (fp16 on cards without bf16); full fp32 everywhere else."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist; pass the ckpt.pt that pretrain.py wrote")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a checkpoint torch can read ({type(e).__name__}); pass a ckpt.pt from pretrain.py")
-    if not isinstance(ckpt, dict):
-        fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- recipe pieces
 
-def lr_at(step, total_steps, warmup_steps, peak_lr):
-    """Linear warm-up (never 0 on the first step), then half-cycle cosine to 0; updated every step."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def param_groups(model, weight_decay):
-    """Weight decay on matrices and tokens (dim >= 2); biases and norm gains (1-D) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def param_groups(model, weight_decay, eps=1e-8):
+    """Weight decay on matrices and tokens (dim >= 2); biases and norm gains (1-D) are not decayed. Under
+    --decay-as-lr each re-scaled tensor (model.decay_scales) has a group of its own: lr x s, eps / s, decay / s."""
+    scales, plain, scaled = model.decay_scales(), {True: [], False: []}, []
+    for name, p in model.named_parameters():
+        decay = weight_decay if p.dim() >= 2 else 0.0
+        if name in scales:
+            s = scales[name]
+            scaled.append({"params": [p], "weight_decay": decay / s, "eps": eps / s, "lr_scale": s})
+        elif p.requires_grad:
+            plain[p.dim() >= 2].append(p)
+    return [{"params": plain[True], "weight_decay": weight_decay}, {"params": plain[False], "weight_decay": 0.0}, *scaled]
 
 
 def optimizer_and_scaler(model, weight_decay, device):
     """MAE's AdamW (betas 0.9, 0.95; fused on CUDA) and a GradScaler that only fp16 needs; the lr is set per step."""
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95), fused=cuda)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
     return optimizer, torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
-
-
-def flops_per_image(cfg, mask_ratio):
-    """Matmul FLOPs of one forward pass of the masked MAE as run (x3 for forward + backward).
-
-    A block on T tokens of width d: 2*T*d*d*(4 + 2*mlp_ratio) for qkv, proj and the MLP, plus 4*T*T*d for
-    q@k and attn@v. Encoder: T = 1 + visible patches; decoder: T = 1 + all patches. ViT-B/16 at mask 0.75,
-    plain decoder: 19.6 GFLOPs forward.
-    """
-    n = (cfg.img_size // cfg.patch_size) ** 2
-    keep, pix = n - int(n * mask_ratio), cfg.patch_size ** 2 * cfg.in_chans
-    d, dd, r = cfg.width, cfg.decoder_width, cfg.mlp_ratio
-
-    def block(t, w):
-        return 2 * t * w * w * (4 + 2 * r) + 4 * t * t * w
-
-    total = 2 * n * pix * d + cfg.depth * block(1 + keep, d)  # patch embedding runs on every patch
-    total += cfg.decoder_depth * block(1 + n, dd) + 2 * (1 + n) * dd * pix
-    if cfg.decoder_skips:
-        n_skips = min(cfg.depth // 2, cfg.decoder_depth)
-        total += n_skips * 2 * (1 + n) * ((dd + d) * dd + dd * dd)
-    else:
-        total += 2 * (1 + keep) * d * dd
-    return total
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -131,35 +64,23 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with torch.random.fork_rng(devices=[]):  # default_generator: torch.manual_seed is 20x slower per item
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * len(self.dataset) + i)
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * len(self.dataset) + i) % 2**64)
             img, _ = self.dataset[i]
             return img, torch.rand(self.n_patches)
 
 
-def epoch_order(n_items, seed, epoch, start, batch, rank, world):
-    """This process's item indices for one epoch, from micro-batch `start` on (a resumed epoch skips ahead)."""
+def epoch_order(n_items, seed, epoch, start, batch, accum, rank, world):
+    """This process's item indices for one epoch, from micro-batch `start` on (a resumed epoch skips ahead).
+
+    Only whole optimizer steps of accum micro-batches are kept: a leftover micro-batch would add its gradient
+    to the next epoch's first step (and be lost by a resume at the epoch boundary)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_items, generator=g)[: (n_items // batch) * batch]
+    order = torch.randperm(n_items, generator=g)[: (n_items // (batch * accum)) * batch * accum]
     per_batch = order.view(-1, batch)[start:, rank * (batch // world): (rank + 1) * (batch // world)]
     return per_batch.flatten().tolist()
 
 
 # ----------------------------------------------------------------------------- checkpoints and pictures
-
-def save_atomic(obj, path):
-    """Write to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(f"could not save {path} ({e.strerror or e}); the previous checkpoint is unchanged") from e
-
 
 def rng_states():
     np_state = np.random.get_state()
@@ -190,61 +111,60 @@ def reconstruction_grid(model, imgs, noise, mean_std, path):
     recon = unpatchify(target * (1 - hidden) + pred * hidden, p)
     mean, std = (torch.tensor(v, device=imgs.device).view(1, 3, 1, 1) for v in mean_std)
     rows = torch.cat([imgs, masked, recon]) * std + mean
-    save_image(rows.clamp(0, 1), path, nrow=len(imgs))
+    zoom = max(1, math.ceil(800 / (len(imgs) * (imgs.shape[-1] + 2))))  # small images: nearest-neighbour, >= 800 px wide
+    rows = rows.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+    save_image(rows.clamp(0, 1), path, nrow=len(imgs), padding=2 * zoom)
     model.train()
 
 
 # ----------------------------------------------------------------------------- command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other bad input
-        fail(f"{message} (see --help)")
-
-
 # Flags that shape the run: a resumed run takes them from its checkpoint and refuses different values.
-RUN_FLAGS = dict(model=None, img_size=None, alpha_schedule="linear", alpha_min=0.6, decoder_skips=True, mask_ratio=0.75,
+RUN_FLAGS = dict(model=None, img_size=None, alpha_schedule="linear", alpha_min=0.6, decay_as_lr=False, decoder_skips=True, mask_ratio=0.75,
                  data=data.EMBEDDED, epochs=None, max_steps=None, batch_size=None, accum_steps=1, blr=None,
                  weight_decay=0.05, warmup_epochs=None, seed=0)
 # Flags free to change between a run and its resumption.
 RUNTIME_FLAGS = dict(out_dir="out", device="auto", compile=None, resume=None, workers=None, log_every=20,
-                     save_every=0, keep_every=0, download=False, data_root="./data", bench=False, bench_data=False, bench_steps=20)
+                     save_every=0, keep_every=0, download=False, data_root="./data")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", help=f"preset: {', '.join(PRESETS)} (default: {CPU_PRESET} on the embedded data, else vit_b16)")
-    a("--img-size", type=int, help="image side in pixels, a multiple of the patch size (default: the preset's)")
+    a("--img-size", type=positive_int, help="image side in pixels, a multiple of the patch size (default: the preset's)")
     a("--alpha-schedule", help=f"shortcut decay with depth: {', '.join(SCHEDULES)} (default: linear)")
-    a("--alpha-min", type=float, help="shortcut weight of the last encoder sub-layer, in (0, 1] (default: 0.6)")
+    a("--alpha-min", type=real(0, 1, low_open=True), help="shortcut weight of the last encoder sub-layer, in (0, 1] (default: 0.6)")
+    a("--decay-as-lr", action="store_true", default=None,
+      help="train the residual encoder with the per-layer learning rates that make it the decayed one (README)")
     a("--decoder-skips", action=argparse.BooleanOptionalAction, help="encoder-to-decoder skips (default: on)")
-    a("--mask-ratio", type=float, help="fraction of patches hidden, in (0, 1) (default: 0.75)")
+    a("--mask-ratio", type=fraction, help="fraction of patches hidden, in (0, 1) (default: 0.75)")
     a("--data", help=f"{data.EMBEDDED} (embedded, default), {', '.join(data.DATASETS[1:])}, or an ImageFolder "
                      "root with train/ and val/")
     a("--download", action="store_true", default=None, help="let torchvision download a named dataset")
     a("--data-root", help="where torchvision datasets live (default: ./data)")
-    a("--epochs", type=int, help=f"default: {CPU_EPOCHS} on the embedded data, else 800")
-    a("--max-steps", type=int, help="cap on optimizer steps; the lr schedule is fitted to the capped run")
-    a("--batch-size", type=int, help="GLOBAL batch per micro-step, split over processes (default: 128 on CPU, 256 on GPU)")
-    a("--accum-steps", type=int, help="micro-steps per optimizer step; effective batch = batch-size * accum-steps")
-    a("--blr", type=float, help="base lr; lr = blr * effective batch / 256 (default: 1.5e-4, the MAE recipe; "
+    a("--epochs", type=positive_int, help=f"default: {CPU_EPOCHS} on the embedded data, else 800")
+    a("--max-steps", type=positive_int, help="cap on optimizer steps; the lr schedule is fitted to the capped run")
+    a("--batch-size", type=positive_int, help="GLOBAL batch per micro-step, split over processes (default: 128 on CPU, 256 on GPU)")
+    a("--accum-steps", type=positive_int, help="micro-steps per optimizer step; effective batch = batch-size * accum-steps")
+    a("--blr", type=positive, help="base lr; lr = blr * effective batch / 256 (default: 1.5e-4, the MAE recipe; "
                                 "1.5e-3 for the short embedded-data runs)")
-    a("--weight-decay", type=float, help="AdamW weight decay on matrices (default: 0.05)")
-    a("--warmup-epochs", type=float, help="linear warm-up length (default: 5%% of the epochs, 40 of 800)")
-    a("--seed", type=int, help="default: 0")
+    a("--weight-decay", type=non_negative, help="AdamW weight decay on matrices (default: 0.05)")
+    a("--warmup-epochs", type=non_negative, help="linear warm-up length (default: 5%% of the epochs, 40 of 800)")
+    a("--seed", type=SEED, help="a whole number from 0 to 2**32 - 1 (default: 0)")
     a("--out-dir", help="checkpoint, log and pictures go here (default: out)")
     a("--device", help="auto (cuda, then mps, then cpu), or a torch device name")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
     a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
-    a("--workers", type=int, help="data loader processes (default: 0 on CPU, 8 on GPU)")
-    a("--log-every", type=int, help="optimizer steps between log lines (default: 20)")
-    a("--save-every", type=int, help="also checkpoint every N steps (default: 0, i.e. each epoch and at the end)")
-    a("--keep-every", type=int, help="also keep ckpt_epochNNN.pt every N epochs, to probe the run's trajectory (default: 0, none)")
-    a("--bench", action="store_true", default=None,
-      help="time training steps on synthetic batches (and timm's Block, eager, if timm is installed); no files written")
-    a("--bench-data", action="store_true", default=None, help="time the data loader alone (decode + augmentation)")
-    a("--bench-steps", type=int, help="timed steps for --bench and --bench-data (default: 20)")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    a("--workers", type=whole(0, 256), help="data loader processes (default: 0 on CPU, 8 on GPU)")
+    a("--log-every", type=positive_int, help="optimizer steps between log lines (default: 20)")
+    a("--save-every", type=non_negative_int, help="also checkpoint every N steps (default: 0, i.e. each epoch and at the end)")
+    a("--keep-every", type=non_negative_int, help="also keep ckpt_epochNNN.pt every N epochs, to probe the run's trajectory (default: 0, none)")
+    return p
+
+
+def parse_args(argv=None):
+    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     return argparse.Namespace(**{**RUN_FLAGS, **RUNTIME_FLAGS, **given}), given
 
 
@@ -268,15 +188,16 @@ def resolve_resume(args, given):
 
 
 def fill_defaults(args, device):
-    """Defaults that depend on the data and the device."""
-    embedded = args.data == data.EMBEDDED and not (args.bench and device.type == "cuda")
-    args.model = args.model or (CPU_PRESET if embedded else "vit_b16")
-    args.epochs = args.epochs or (CPU_EPOCHS if embedded else 800)
-    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 128)
-    args.blr = args.blr or (1.5e-3 if embedded else 1.5e-4)
-    args.warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else 0.05 * args.epochs
-    args.workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    """Defaults that depend on the data and the device. A flag left out is None, so a given 0 never lands here."""
+    embedded, gpu = args.data == data.EMBEDDED, device.type == "cuda"
+    defaults = dict(model=CPU_PRESET if embedded else "vit_b16", epochs=CPU_EPOCHS if embedded else 800,
+                    batch_size=256 if gpu else 128, blr=1.5e-3 if embedded else 1.5e-4, workers=8 if gpu else 0,
+                    compile=gpu)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 0.05 * args.epochs
 
 
 def setup_distributed():
@@ -293,12 +214,8 @@ def setup_distributed():
 
 def build(args, world):
     """Config, data and model from the flags; every bad input ends here with one line and exit 2."""
-    if args.batch_size < world or args.batch_size % world:
+    if args.batch_size % world:  # the flags' own ranges were checked as they were parsed (common.py)
         fail(f"batch size {args.batch_size} must be a positive multiple of the {world} processes")
-    if args.accum_steps < 1 or args.epochs < 1 or (args.max_steps is not None and args.max_steps < 1):
-        fail("--accum-steps, --epochs and --max-steps must be at least 1")
-    if args.log_every < 1 or args.save_every < 0 or args.keep_every < 0:
-        fail("--log-every must be at least 1; --save-every and --keep-every at least 0")
     cfg = model_config(args)
     try:
         train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True,
@@ -312,9 +229,9 @@ def build(args, world):
 
 
 def model_config(args):
-    overrides = dict(alpha_schedule=args.alpha_schedule, alpha_min=args.alpha_min,
+    overrides = dict(alpha_schedule=args.alpha_schedule, alpha_min=args.alpha_min, decay_as_lr=args.decay_as_lr,
                      decoder_skips=args.decoder_skips, mask_ratio=args.mask_ratio)
-    if args.img_size:
+    if args.img_size is not None:
         overrides["img_size"] = args.img_size
     try:
         return preset(args.model, **overrides)
@@ -338,23 +255,12 @@ def log_line(step, total, epoch, epochs, loss, lr, img_s, mfu, eta_s):
           f"{img_s:7.1f} img/s{mfu_text} | eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}", flush=True)
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
 def main(argv=None):
     args, given = parse_args(argv)
     ckpt = resolve_resume(args, given)
     device = pick_device(args.device)
     fill_defaults(args, device)
-    if args.bench:
-        return bench(args, device)
     cfg, train_set, held_out = build(args, int(os.environ.get("WORLD_SIZE", 1)))
-    if args.bench_data:
-        return bench_data(args, cfg, train_set)
     rank, world, ddp_device = setup_distributed()  # only once every input has been checked
     device = ddp_device or device
     master = rank == 0
@@ -368,6 +274,9 @@ def main(argv=None):
         a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
         print(f"  encoder shortcut weights (attn, mlp) per block, {cfg.alpha_schedule} to {cfg.alpha_min}: "
               + " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(a[::2], a[1::2])))
+        if cfg.decay_as_lr:
+            print(f"  --decay-as-lr: those weights are 1 here; instead each branch output trains at lr x 1/c_k, "
+                  f"up to x{1 / stream_scales(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)[-1]:.0f} (README)")
     train(args, cfg, train_set, held_out, device, rank, world, ckpt)
     if world > 1:
         dist.barrier()
@@ -412,7 +321,8 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         items.epoch = epoch
-        order = epoch_order(len(items), args.seed, epoch, start * args.accum_steps, args.batch_size, rank, world)
+        order = epoch_order(len(items), args.seed, epoch, start * args.accum_steps, args.batch_size, args.accum_steps,
+                            rank, world)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=micro,
                                              num_workers=args.workers, pin_memory=cuda)
         for i, (imgs, noise) in enumerate(loader):
@@ -428,7 +338,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                 continue
             lr = lr_at(step, total, warmup, peak_lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer_step(optimizer, scaler)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)  # no host sync
             step += 1
@@ -495,91 +405,6 @@ def keep_log_until(log_path, step):
         lines = [line for line in f if json.loads(line)["step"] <= step]
     with open(log_path, "w") as f:
         f.writelines(lines)
-
-
-# ----------------------------------------------------------------------------- benchmarks
-
-def timm_reference(cfg):
-    """The same MAE with timm's Block, run eagerly under autocast, as facebookresearch/mae does (benchmark only)."""
-    from functools import partial
-
-    from timm.models.vision_transformer import Block as TimmBlock
-
-    def blocks(dim, heads, n):
-        norm = partial(torch.nn.LayerNorm, eps=1e-6)
-        return torch.nn.ModuleList(TimmBlock(dim, heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(n))
-
-    model = MAE(cfg)
-    model.encoder.blocks = blocks(cfg.width, cfg.heads, cfg.depth)
-    model.decoder_blocks = blocks(cfg.decoder_width, cfg.decoder_heads, cfg.decoder_depth)
-    return model
-
-
-def seconds_per_step(model, device, imgs, steps, warmup):
-    """Full training steps on one batch that already sits on the device; synchronises only around the timing."""
-    optimizer, scaler = optimizer_and_scaler(model, 0.05, device)
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
-    for i in range(warmup + steps):
-        if i == warmup:
-            synchronize(device)
-            start = time.perf_counter()
-        with autocast(device):
-            loss = model(imgs)[0]
-        scaler.scale(loss).backward()
-        optimizer_step(optimizer, scaler)
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench(args, device):
-    cfg = model_config(args)
-    imgs = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
-    flops, peak = 3 * flops_per_image(cfg, cfg.mask_ratio), peak_flops(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
-    print(f"bench: {name}, {args.model}, batch {args.batch_size}, mask {cfg.mask_ratio}, skips {cfg.decoder_skips}, "
-          f"{flops / 1e9:.1f} GFLOPs per image per step (forward {flops / 3e9:.1f})")
-    ours = MAE(cfg).to(device)
-    variants = [("ours" + (" compiled" if args.compile else " eager"), torch.compile(ours) if args.compile else ours)]
-    try:
-        variants.append(("timm Block, eager", timm_reference(cfg).to(device)))
-    except ImportError:
-        print("  (timm not installed: pip install timm to time the timm-based reference too)")
-    results = {}
-    for label, model in variants:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sec = seconds_per_step(model, device, imgs, args.bench_steps, warmup=10 if args.compile else 3)
-        img_s = args.batch_size / sec
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        mfu = f"{flops * img_s / peak:6.1%}" if peak else "   n/a"
-        results[label] = img_s
-        print(f"  {label:<20} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem:.2f} GiB")
-    if len(results) == 2:
-        first, second = results.values()
-        print(f"  ratio ours / timm reference: {first / second:.2f}x")
-    return results
-
-
-def bench_data(args, cfg, train_set):
-    loader = torch.utils.data.DataLoader(SeededItems(train_set, args.seed, (cfg.img_size // cfg.patch_size) ** 2),
-                                         batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                         drop_last=True)
-    if len(loader) < 2:
-        fail(f"--bench-data needs at least 2 batches of {args.batch_size} images; {args.data} has {len(train_set)}")
-    batches = iter(loader)
-    next(batches)  # workers start
-    start = time.perf_counter()
-    n = sum(len(next(batches)[0]) for _ in range(min(args.bench_steps, len(loader) - 1)))
-    img_s = n / (time.perf_counter() - start)
-    print(f"bench-data: {args.data}, {args.workers} workers, batch {args.batch_size}: {img_s:.0f} img/s "
-          f"(decode + augmentation + mask noise)")
-    return img_s
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Linear probe and k-NN of a frozen MAE encoder, every layer at once.
 
     python probe.py out/ckpt.pt                                   # data from the checkpoint, every block
+    python probe.py out_none/ckpt.pt --compare out/ckpt.pt        # several checkpoints: one table of differences
     python probe.py mae_pretrain_vit_base.pth --data /path/to/imagenet --layers 12 --n-train 0 --n-test 0
 
 Features (cls token and mean of patch tokens after each block) are computed once and cached as float32 on the
-CPU; then one head per layer and pooling is trained on them. rank.py shares extract_features and the helpers.
+CPU; then one head per layer and pooling is trained on them. The best block is picked on a validation sample
+of the train split (disjoint from the probe's) and reported on test. rank.py shares extract_features.
 """
-import argparse
 import contextlib
 import json
 import math
@@ -21,7 +22,7 @@ from einops import rearrange
 
 import data
 from model import MAE
-from pretrain import Parser, autocast, fail, load_checkpoint, lr_at, pick_device
+from common import Parser, autocast, fail, load_checkpoint, lr_at, non_negative_int, pick_device, positive, positive_int, whole
 
 # Reference: SPEC section 5. MAE protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -36,22 +37,14 @@ HEADLINE_WHY = ("Headline: the mean of the last block's patch tokens (after the 
                 "after short training. Both poolings are reported per layer.")
 
 
-def at_least(low):
-    def parse(text):  # argparse type: a whole number >= low
-        if not text.lstrip("-").isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"needs a whole number >= {low}, got {text!r}")
-        return int(text)
-    return parse
-
-
 def add_common_args(parser):
     a = parser.add_argument
     a("checkpoint", help="a pretrain.py checkpoint, or a timm / MAE ViT state_dict (needs --data)")
     a("--data", help="dataset name or ImageFolder root (default: what the checkpoint trained on)")
     a("--data-root", help="where torchvision datasets live (default: the checkpoint's, else ./data)")
     a("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
-    a("--batch-size", type=at_least(1), default=256, help="images per forward pass (default %(default)s)")
-    a("--workers", type=at_least(0), help="loader processes (default: 8 on cuda, else 0)")
+    a("--batch-size", type=positive_int, default=256, help="images per forward pass (default %(default)s)")
+    a("--workers", type=whole(0, 256), help="loader processes (default: 8 on cuda, else 0)")
 
 
 def load_model(path):
@@ -62,11 +55,11 @@ def load_model(path):
         fail(f"{path}: {str(error).splitlines()[0]}")
 
 
-def data_source(ckpt, args):
+def data_source(ckpt, args, path):
     """(dataset, torchvision root): the flags, else what the checkpoint trained on."""
     trained = ckpt.get("args") or {}
     if not (args.data or trained.get("data")):
-        fail(f"{args.checkpoint} does not say what data it was trained on (public ViT weights?): pass --data")
+        fail(f"{path} does not say what data it was trained on (public ViT weights?): pass --data")
     return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
 
 
@@ -144,8 +137,8 @@ class ProbeHeads(nn.Module):
         return torch.einsum("hbd,hdc->hbc", z, self.weight) + self.bias[:, None]
 
 
-def train_linear_probes(train_x, train_y, test_x, test_y, n_classes, recipe=PROBE, device="cpu", seed=0):
-    """Trains one head per feature set [heads, N, d], all in one pass; returns each head's test accuracy (%)."""
+def fit_linear_probes(train_x, train_y, n_classes, recipe=PROBE, device="cpu", seed=0):
+    """Trains one head per feature set [heads, N, d], all in one pass."""
     torch.manual_seed(seed)
     with one_thread(device):
         heads = ProbeHeads(train_x.to(device), n_classes).to(device)
@@ -165,10 +158,20 @@ def train_linear_probes(train_x, train_y, test_x, test_y, n_classes, recipe=PROB
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        with torch.no_grad():
-            correct = sum((heads.classify(heads.normalise(x.to(device))).argmax(-1) == y.to(device)).sum(-1)
-                          for x, y in zip(test_x.split(4096, dim=1), test_y.split(4096)))
-    return (100 * correct.float() / len(test_y)).tolist()
+    return heads
+
+
+@torch.no_grad()
+def head_accuracy(heads, x, y, device="cpu"):
+    """Each head's accuracy (%) on feature sets x [heads, N, d] with labels y [N]."""
+    correct = sum((heads.classify(heads.normalise(xs.to(device))).argmax(-1) == ys.to(device)).sum(-1)
+                  for xs, ys in zip(x.split(4096, dim=1), y.split(4096)))
+    return (100 * correct.float() / len(y)).tolist()
+
+
+def train_linear_probes(train_x, train_y, test_x, test_y, n_classes, recipe=PROBE, device="cpu", seed=0):
+    """Each head's test accuracy (%) after training on [heads, N, d] features."""
+    return head_accuracy(fit_linear_probes(train_x, train_y, n_classes, recipe, device, seed), test_x, test_y, device)
 
 
 @torch.no_grad()
@@ -184,17 +187,31 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, chunk=1024, n_c
     return 100 * correct / len(test_y)
 
 
-def probe_layers(train, test, layers, n_classes, recipe, device):
-    """One row per layer: linear-probe and k-NN accuracy for both poolings."""
-    heads = torch.cat([train[p] for p in POOLINGS]), torch.cat([test[p] for p in POOLINGS])  # pooling-major
-    lp = train_linear_probes(heads[0], train["labels"], heads[1], test["labels"], n_classes, recipe, device)
+def probe_layers(train, evals, layers, n_classes, recipe, device):
+    """One row per layer: linear-probe and k-NN accuracy for both poolings on each evaluation set, keyed
+    "lp_mean", "knn_cls", ... for the first (test) and "val_lp_mean", ... for a second (validation)."""
+    stack = lambda feats: torch.cat([feats[p] for p in POOLINGS])  # [poolings * layers, N, d], pooling-major
+    heads = fit_linear_probes(stack(train), train["labels"], n_classes, recipe, device)
     rows = [{"layer": layer} for layer in layers]
-    for i, row in enumerate(rows):
-        for j, p in enumerate(POOLINGS):
-            row[f"lp_{p}"] = lp[j * len(layers) + i]
-            x, y, test_x, test_y = (t.to(device) for t in (train[p][i], train["labels"], test[p][i], test["labels"]))
-            row[f"knn_{p}"] = knn_accuracy(x, y, test_x, test_y, **KNN, n_classes=n_classes)
+    for prefix, feats in zip(("", "val_"), evals):
+        lp = head_accuracy(heads, stack(feats), feats["labels"], device)
+        for i, row in enumerate(rows):
+            for j, p in enumerate(POOLINGS):
+                row[f"{prefix}lp_{p}"] = lp[j * len(layers) + i]
+                x, y, eval_x, eval_y = (t.to(device) for t in (train[p][i], train["labels"], feats[p][i], feats["labels"]))
+                row[f"{prefix}knn_{p}"] = knn_accuracy(x, y, eval_x, eval_y, **KNN, n_classes=n_classes)
     return rows
+
+
+def headline(rows):
+    """Last block, and the block that validation picks (test accuracy reported there), for LP and k-NN."""
+    head = {"pooling": HEADLINE, "layer": rows[-1]["layer"]}
+    for key, metric in (("linear_probe", "lp_"), ("knn", "knn_")):
+        head[key] = rows[-1][metric + HEADLINE]
+        if "val_" + metric + HEADLINE in rows[0]:
+            best = max(rows, key=lambda row: row["val_" + metric + HEADLINE])
+            head[f"best_{key}"] = {"layer": best["layer"], "test": best[metric + HEADLINE], "val": best["val_" + metric + HEADLINE]}
+    return head
 
 
 def parse_layers(text, depth):
@@ -231,71 +248,143 @@ def pyplot():
         return None
 
 
-def plot_accuracy(rows, path, title):
+def plot_accuracy(reports, path, title):
+    """Accuracy against depth: both poolings for one report, mean pooling of each when comparing several."""
     if (plt := pyplot()) is None:
         return
-    for key, style in (("lp_cls", "o-"), ("lp_mean", "s-"), ("knn_cls", "o--"), ("knn_mean", "s--")):
-        label = key.replace("lp_", "linear probe, ").replace("knn_", "k-NN, ")
-        plt.plot([row["layer"] for row in rows], [row[key] for row in rows], style, label=label)
+    keys = (("lp_cls", "o-"), ("lp_mean", "s-"), ("knn_cls", "o--"), ("knn_mean", "s--"))
+    for i, report in enumerate(reports):
+        for key, style in keys if len(reports) == 1 else keys[1::2]:
+            label = key.replace("lp_", "linear probe, ").replace("knn_", "k-NN, ")
+            label = label if len(reports) == 1 else f"[{i}] {report['label']}: {label.split(',')[0]}"
+            plt.plot([row["layer"] for row in report["layers"]], [row[key] for row in report["layers"]], style,
+                     label=label, color=None if len(reports) == 1 else f"C{i}")
     plt.gca().set(xlabel="encoder block", ylabel="test accuracy (%)", title=title)
-    plt.legend()
+    plt.legend(fontsize=8)
     plt.savefig(path, dpi=120, bbox_inches="tight")
     plt.close()
     print(f"plot -> {path}")
 
 
+def schedule_label(cfg):
+    label = "none (alpha 1)" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule}, alpha_min {cfg.alpha_min:g}"
+    return label + (", as lr" if cfg.decay_as_lr else "")
+
+
 def print_table(rows, alphas):
-    print(f"{'block':>5}  {'alpha attn/mlp':>14}  {'LP cls':>6}  {'LP mean':>7}  {'kNN cls':>7}  {'kNN mean':>8}")
+    val = "val_lp_mean" in rows[0]
+    print(f"{'block':>5}  {'alpha attn/mlp':>14}  {'LP cls':>6}  {'LP mean':>7}  {'kNN cls':>7}  {'kNN mean':>8}"
+          + ("  val: LP mean  kNN mean" if val else ""))
     for r in rows:
         print(f"{r['layer']:>5}  {alphas[2 * r['layer'] - 2]:>6.3f} {alphas[2 * r['layer'] - 1]:>7.3f}  "
-              f"{r['lp_cls']:>6.1f}  {r['lp_mean']:>7.1f}  {r['knn_cls']:>7.1f}  {r['knn_mean']:>8.1f}")
+              f"{r['lp_cls']:>6.1f}  {r['lp_mean']:>7.1f}  {r['knn_cls']:>7.1f}  {r['knn_mean']:>8.1f}"
+              + (f"  {r['val_lp_mean']:>12.1f}  {r['val_knn_mean']:>8.1f}" if val else ""))
 
 
-def parse_args():
+def describe_headline(head):
+    text = f"last block {head['layer']}: linear probe {head['linear_probe']:.1f}%, k-NN {head['knn']:.1f}%"
+    for key, name in (("linear_probe", "linear probe"), ("knn", "k-NN")):
+        if (best := head.get(f"best_{key}")) is not None:
+            text += f"; best {name} block on validation: {best['layer']} ({best['test']:.1f}% test)"
+    return text
+
+
+def build_parser():
     parser = Parser(description=__doc__.split("\n")[0], epilog=HEADLINE_WHY)
     add_common_args(parser)
     a = parser.add_argument
+    a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints: one table of differences, one plot")
     a("--layers", default="all", help="blocks to probe, 1-based, e.g. 1,6,12 (default: all)")
-    a("--n-train", type=at_least(0), default=3000,
+    a("--n-train", type=non_negative_int, default=3000,
       help="seeded sample of the train split, 0 = all (default %(default)s: under 2 minutes on 2 CPU cores)")
-    a("--n-test", type=at_least(0), default=1500, help="seeded sample of the test split, 0 = all (default %(default)s)")
-    a("--epochs", type=at_least(1), default=PROBE["epochs"], help="linear-probe epochs (default %(default)s)")
-    a("--lr", type=float, default=PROBE["lr"], help="linear-probe AdamW learning rate (default %(default)s)")
-    a("--out", help="JSON path (default: probe.json beside the checkpoint; the PNG beside it)")
-    return parser.parse_args()
+    a("--n-val", type=non_negative_int, default=1000, help="seeded sample of the train split, disjoint from the "
+      "probe's, that picks the best block; 0 = no validation (default %(default)s)")
+    a("--n-test", type=non_negative_int, default=1500, help="seeded sample of the test split, 0 = all (default %(default)s)")
+    a("--epochs", type=positive_int, default=PROBE["epochs"], help="linear-probe epochs (default %(default)s)")
+    a("--lr", type=positive, default=PROBE["lr"], help="linear-probe AdamW learning rate (default %(default)s)")
+    a("--out", help="JSON path (default: probe.json beside the checkpoint, probe_compare.json with --compare)")
+    return parser
 
 
-def main():
-    args, start = parse_args(), time.time()
-    model, ckpt = load_model(args.checkpoint)
+def probe_splits(name, img_size, root, args):
+    """Seeded samples (seed 0), the same for every checkpoint: train for the probes, val (disjoint from it, also
+    from the train split) to pick a block, test to report. n_train 0 takes all but the validation images."""
+    train = get_split(name, "train", img_size, root, 0)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    n_val = min(args.n_val, len(order) // 2)
+    n_train = min(args.n_train or len(order), len(order) - n_val)
+    splits = {"train": torch.utils.data.Subset(train, sorted(order[:n_train])),
+              "test": get_split(name, "test", img_size, root, args.n_test)}
+    if n_val:
+        splits["val"] = torch.utils.data.Subset(train, sorted(order[len(order) - n_val:]))
+    return splits
+
+
+def probe_checkpoint(path, args, out):
+    start = time.time()
+    model, ckpt = load_model(path)
     cfg, device = model.config, pick_device(args.device)
-    layers, (name, root) = parse_layers(args.layers, cfg.depth), data_source(ckpt, args)
-    splits = {s: get_split(name, s, cfg.img_size, root, n) for s, n in (("train", args.n_train), ("test", args.n_test))}
+    layers, (name, root) = parse_layers(args.layers, cfg.depth), data_source(ckpt, args, path)
+    splits = probe_splits(name, cfg.img_size, root, args)
     recipe = PROBE | {"epochs": args.epochs, "lr": args.lr, "warmup_epochs": min(PROBE["warmup_epochs"], args.epochs)}
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
-    print(f"{args.checkpoint}: {cfg.depth} blocks x {cfg.width}, schedule {cfg.alpha_schedule}, alpha_min "
-          f"{cfg.alpha_min:g}; {name}: {len(splits['train'])} train / {len(splits['test'])} test images (seeded "
-          f"sample, seed 0); {device}; feature cache {megabytes:.0f} MB")
+    print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}; {name}: "
+          + " / ".join(f"{len(split)} {s}" for s, split in splits.items())
+          + f" images (seeded samples, seed 0); {device}; feature cache {megabytes:.0f} MB")
     seconds = {"setup": time.time() - start}
     try:
-        feats = [extract_features(model, make_loader(split, args.batch_size, device, args.workers), device, layers,
-                                  name=f"{s} features") for s, split in splits.items()]
+        feats = {s: extract_features(model, make_loader(split, args.batch_size, device, args.workers), device, layers,
+                                     name=f"{s} features") for s, split in splits.items()}
     except data.DataError as error:
         fail(str(error))
     seconds["features"] = time.time() - start - sum(seconds.values())
-    rows = probe_layers(*feats, layers, data.num_classes(name), recipe, device)
+    evals = [feats["test"]] + ([feats["val"]] if "val" in feats else [])
+    rows = probe_layers(feats["train"], evals, layers, data.num_classes(name), recipe, device)
     seconds["probes"] = time.time() - start - sum(seconds.values())
     print_table(rows, model.alphas)
-    head = {"pooling": HEADLINE, "layer": rows[-1]["layer"], "linear_probe": rows[-1]["lp_" + HEADLINE],
-            "knn": rows[-1]["knn_" + HEADLINE]}
-    print(f"{HEADLINE_WHY}\nheadline (block {head['layer']}, {HEADLINE}): linear probe {head['linear_probe']:.1f}%, "
-          f"k-NN {head['knn']:.1f}%  [" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "]")
-    out = save_json(args.out or beside(args.checkpoint, "probe.json"), {
-        "checkpoint": args.checkpoint, "data": name, "n_train": len(splits["train"]), "n_test": len(splits["test"]),
-        "sample": "seeded random sample of each split (seed 0); 0 = all", "config": asdict(cfg), "alphas": model.alphas,
-        "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "headline": head | {"why": HEADLINE_WHY},
-        "probe_recipe": recipe, "knn": KNN, "layers": rows, "seconds": {k: round(v, 1) for k, v in seconds.items()}})
-    plot_accuracy(rows, os.path.splitext(out)[0] + ".png", f"{cfg.alpha_schedule} alpha_min {cfg.alpha_min:g}, {name}")
+    head = headline(rows)
+    print(f"{HEADLINE_WHY}\nheadline ({HEADLINE} pooling): {describe_headline(head)}  ["
+          + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "]")
+    report = {"checkpoint": path, "label": schedule_label(cfg), "data": name,
+              **{f"n_{s}": len(split) for s, split in splits.items()},
+              "sample": "seeded random samples (seed 0); val is drawn from the train split, disjoint from train",
+              "config": asdict(cfg), "alphas": model.alphas, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+              "headline": head | {"why": HEADLINE_WHY}, "probe_recipe": recipe, "knn": KNN, "layers": rows,
+              "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    save_json(out, report)
+    plot_accuracy([report], os.path.splitext(out)[0] + ".png", f"{schedule_label(cfg)}, {name}")
+    return report
+
+
+def print_comparison(reports):
+    first = reports[0]["layers"]
+    print("\nmean pooling, test accuracy %, LP / k-NN; in brackets the difference to the first checkpoint")
+    for i, report in enumerate(reports):
+        print(f"  [{i}] {report['label']}: {report['checkpoint']}")
+    print(f"{'block':>5}  " + "  ".join(f"{f'[{i}]':>25}" for i in range(len(reports))))
+    for k, row in enumerate(first):
+        cells = [f"{r['layers'][k]['lp_mean']:5.1f} / {r['layers'][k]['knn_mean']:5.1f}" for r in reports]
+        cells[1:] = [cell + f" ({r['layers'][k]['lp_mean'] - row['lp_mean']:+.1f}/{r['layers'][k]['knn_mean'] - row['knn_mean']:+.1f})"
+                     for cell, r in zip(cells[1:], reports[1:])]
+        print(f"{row['layer']:>5}  " + "  ".join(f"{cell:>25}" for cell in cells))
+    for i, report in enumerate(reports):
+        print(f"  [{i}] {describe_headline(report['headline'])}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    paths = [args.checkpoint, *args.compare]
+    alone = args.out if not args.compare and args.out else None
+    reports = []
+    for path in paths:
+        reports.append(probe_checkpoint(path, args, alone or beside(path, "probe.json")))
+        args.data = args.data or reports[0]["data"]  # every checkpoint is probed on the first one's data
+    if args.compare:
+        if len({tuple(row["layer"] for row in r["layers"]) for r in reports}) > 1:
+            fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")
+        print_comparison(reports)
+        out = save_json(args.out or beside(args.checkpoint, "probe_compare.json"), {"checkpoints": reports})
+        plot_accuracy(reports, os.path.splitext(out)[0] + ".png", f"{reports[0]['data']}: mean pooling")
 
 
 if __name__ == "__main__":

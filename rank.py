@@ -14,9 +14,9 @@ import time
 import torch
 
 import data
-from pretrain import Parser, fail, pick_device
-from probe import (add_common_args, at_least, beside, data_source, extract_features, get_split, load_model,
-                   make_loader, one_thread, pyplot, save_json)
+from common import Parser, fail, non_negative_int, pick_device
+from probe import (add_common_args, beside, data_source, extract_features, get_split, load_model,
+                   make_loader, one_thread, pyplot, save_json, schedule_label)
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "one image's tokens"}
 
@@ -64,10 +64,6 @@ def rank_profile(model, loader, device, n_token_images):
     return rows, counted[0]
 
 
-def schedule_label(cfg):
-    return "none (alpha 1)" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule}, alpha_min {cfg.alpha_min:g}"
-
-
 def describe(path, model):
     pairs = " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(model.alphas[::2], model.alphas[1::2]))
     return (f"{path}: schedule {schedule_label(model.config)}, total decay {math.prod(model.alphas):.2e}; "
@@ -99,19 +95,23 @@ def plot_ranks(results, path):
     print(f"plot -> {path}")
 
 
-def main():
+def build_parser():
     parser = Parser(description=__doc__.split("\n")[0])
     add_common_args(parser)
     a = parser.add_argument
     a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints, in the same table and plot")
-    a("--n", type=at_least(0), default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
-    a("--n-tokens", type=at_least(0), default=512,
+    a("--n", type=non_negative_int, default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
+    a("--n-tokens", type=non_negative_int, default=512,
       help="of those, images whose own token matrices are ranked (default %(default)s)")
     a("--out", help="JSON path (default: rank.json beside the first checkpoint; the PNG beside it)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     start, device = time.time(), pick_device(args.device)
     models = {path: load_model(path) for path in [args.checkpoint, *args.compare]}
-    name, root = data_source(models[args.checkpoint][1], args)
+    name, root = data_source(models[args.checkpoint][1], args, args.checkpoint)
     results = []
     for path, (model, _) in models.items():
         print(describe(path, model))

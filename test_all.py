@@ -1,5 +1,7 @@
 """Every stage, checked against independent references on CPU.  python -m pytest -q test_all.py"""
+import itertools
 import math
+import operator
 
 import pytest
 import torch
@@ -90,11 +92,22 @@ def test_mask_hides_exact_count_and_encoder_sees_the_rest(ratio):
     assert pred.shape == (3, n, 8 * 8 * 3)
 
 
-def test_mask_follows_the_noise_given():
-    noise = torch.rand(2, 16)
+def test_mask_and_unshuffle_by_hand():
+    # noise j*7 mod 16 is a permutation: its 4 smallest values (kept) sit at j = 0, 7, 14, 5 in that order;
+    # the second row's noise is reversed, so its 4 smallest sit where j*7 mod 16 = 15, 14, 13, 12: j = 9, 2, 11, 4
+    noise = torch.tensor([[(j * 7 % 16) / 16 for j in range(16)], [1 - (j * 7 % 16) / 16 for j in range(16)]])
     _, _, mask = M.MAE(tiny())(torch.randn(2, 3, 32, 32), mask_ratio=0.75, noise=noise)
-    hidden_by_rank = noise.argsort(dim=1)[:, 4:]  # the 12 largest noise values are hidden
-    assert torch.equal(mask.gather(1, hidden_by_rank), torch.ones(2, 12))
+    assert mask.tolist() == [[0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 0, 1],
+                             [1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 1]]
+    # distinct tokens: token j of sample b carries the value 100 * b + j in every channel
+    x = (100 * torch.arange(2)[:, None, None] + torch.arange(16)[None, :, None]).float().expand(2, 16, 3)
+    ids_keep, ids_restore, _ = M.random_masking(16, 0.75, noise)
+    visible = M.gather_tokens(x, ids_keep)
+    assert visible[..., 0].tolist() == [[0, 7, 14, 5], [109, 102, 111, 104]]
+    cls, mask_token = torch.full((2, 1, 3), -1.0), torch.full((1, 1, 3), -7.0)
+    full = M.unshuffle(torch.cat([cls, visible], dim=1), mask_token, ids_restore)
+    expected = torch.cat([cls, torch.where(mask[..., None] == 0, x, mask_token)], dim=1)  # token j at place j
+    assert full[..., 0].tolist() == expected[..., 0].tolist() and torch.equal(full, expected)
 
 
 def test_loss_ignores_visible_patches():
@@ -124,15 +137,49 @@ def test_zero_initialised_block_scales_its_input(schedule):
         assert torch.allclose(block(x), block.a_attn * block.a_mlp * x, atol=1e-6)
 
 
-def plain_vit(imgs, sd, depth, heads, patch):
-    """An independent pre-norm ViT: reshape/permute, explicit softmax attention, weights from a state_dict."""
+def sincos_reference(dim, grid):
+    """MAE's 2-D sin-cos table (facebookresearch/mae util/pos_embed.py) written out entry by entry. Token
+    i * grid + j is row i, column j; channels [0, dim/2) encode the column, [dim/2, dim) the row, each half as
+    sin(pos * w_k) for k < m, then cos(pos * w_k), with m = dim / 4 and w_k = 1 / 10000 ** (k / m)."""
+    m = dim // 4
+    table = torch.zeros(grid * grid, dim, dtype=torch.float64)
+    for i in range(grid):
+        for j in range(grid):
+            for half, pos in enumerate((j, i)):
+                for k in range(m):
+                    table[i * grid + j, half * 2 * m + k] = math.sin(pos / 10000 ** (k / m))
+                    table[i * grid + j, half * 2 * m + m + k] = math.cos(pos / 10000 ** (k / m))
+    return table
+
+
+def test_sincos_positions_by_hand():
+    s1, c1, s2, c2 = math.sin(1), math.cos(1), math.sin(0.01), math.cos(0.01)
+    # dim 8, grid 2: m = 2, w = (1, 1/100); token 1 is row 0 column 1, token 2 is row 1 column 0
+    by_hand = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1],
+                            [s1, s2, c1, c2, 0, 0, 1, 1],
+                            [0, 0, 1, 1, s1, s2, c1, c2],
+                            [s1, s2, c1, c2, s1, s2, c1, c2]], dtype=torch.float64)
+    assert torch.allclose(sincos_reference(8, 2), by_hand, atol=1e-12)  # the reference itself, by hand
+    assert torch.allclose(M.sincos_pos_embed(8, 2).double(), by_hand, atol=1e-7)
+    model = M.MAE(tiny(decoder_width=16))  # grid 4; encoder 32 wide, decoder 16; the cls slot gets zeros
+    for table, dim in ((model.encoder.pos_embed, 32), (model.decoder_pos_embed, 16)):
+        assert table.shape == (1, 17, dim) and torch.equal(table[0, 0], torch.zeros(dim))
+        assert torch.allclose(table[0, 1:].double(), sincos_reference(dim, 4), atol=1e-6)
+
+
+def plain_vit(imgs, sd, depth, heads, patch, alphas=None):
+    """An independent pre-norm ViT: reshape/permute, explicit softmax attention, weights from a state_dict,
+    shortcut k (attn of block 0, mlp of block 0, attn of block 1, ...) weighted by alphas[k]. Returns every
+    block's output, the last after the final norm, like MAE.features."""
+    alphas = alphas or [1.0] * (2 * depth)
     b, c, hgt, wid = imgs.shape
     g = hgt // patch
     x = imgs.reshape(b, c, g, patch, g, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, patch * patch * c)
     x = x @ sd["encoder.patch_embed.weight"].T + sd["encoder.patch_embed.bias"]
     d = x.shape[-1]
-    pos = M.sincos_pos_embed(d, g)
+    pos = sincos_reference(d, g).float()
     x = torch.cat([sd["encoder.cls_token"].expand(b, 1, d), x + pos], dim=1)
+    outs = []
     for i in range(depth):
         w = lambda name: sd[f"encoder.blocks.{i}.{name}"]
         h = F.layer_norm(x, (d,), w("norm1.weight"), w("norm1.bias"), eps=1e-6)
@@ -140,28 +187,32 @@ def plain_vit(imgs, sd, depth, heads, patch):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
         h = (att @ v).transpose(1, 2).reshape(b, -1, d)
-        x = x + h @ w("attn.proj.weight").T + w("attn.proj.bias")
+        x = alphas[2 * i] * x + (h @ w("attn.proj.weight").T + w("attn.proj.bias"))
         h = F.layer_norm(x, (d,), w("norm2.weight"), w("norm2.bias"), eps=1e-6)
         h = F.gelu(h @ w("mlp.fc1.weight").T + w("mlp.fc1.bias"))
-        x = x + h @ w("mlp.fc2.weight").T + w("mlp.fc2.bias")
-    return F.layer_norm(x, (d,), sd["encoder.norm.weight"], sd["encoder.norm.bias"], eps=1e-6)
+        x = alphas[2 * i + 1] * x + (h @ w("mlp.fc2.weight").T + w("mlp.fc2.bias"))
+        outs.append(x)
+    return outs[:-1] + [F.layer_norm(x, (d,), sd["encoder.norm.weight"], sd["encoder.norm.bias"], eps=1e-6)]
 
 
 def test_encoder_with_no_decay_equals_a_plain_vit():
     model = randomise(M.MAE(tiny(alpha_schedule="none", decoder_skips=False))).eval()
     imgs = torch.randn(2, 3, 32, 32)
     ours = model.features(imgs)[-1]
-    ref = plain_vit(imgs, model.state_dict(), depth=12, heads=2, patch=8)
+    ref = plain_vit(imgs, model.state_dict(), depth=12, heads=2, patch=8)[-1]
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def test_decay_changes_the_encoder():
-    """Same weights, linear decay: the output must differ from the plain ViT (the test above can fail)."""
-    plain = randomise(M.MAE(tiny(alpha_schedule="none")))
-    decayed = M.MAE(tiny(alpha_schedule="linear", alpha_min=0.6))
-    decayed.load_state_dict(plain.state_dict())
+def test_decayed_encoder_equals_a_plain_vit_with_per_sub_layer_alphas():
+    """x = a_k * x + f(norm(x)) with non-zero (randomised) branches, against alphas written out from SPEC's
+    formula 1 - 0.4 k / 23: fails on a_k * (x + f), on swapped attention / MLP alphas, on a shifted k."""
+    model = randomise(M.MAE(tiny(alpha_schedule="linear", alpha_min=0.6, decoder_skips=False))).eval()
     imgs = torch.randn(2, 3, 32, 32)
-    assert not torch.allclose(plain.features(imgs)[-1], decayed.features(imgs)[-1], atol=1e-3)
+    ref = plain_vit(imgs, model.state_dict(), depth=12, heads=2, patch=8, alphas=[1 - 0.4 * k / 23 for k in range(24)])
+    for block, (ours, theirs) in enumerate(zip(model.features(imgs), ref), start=1):
+        assert torch.allclose(ours, theirs, atol=1e-5), f"block {block}: {(ours - theirs).abs().max():.2e}"
+    plain = plain_vit(imgs, model.state_dict(), depth=12, heads=2, patch=8)  # and the decay is not a no-op here
+    assert not torch.allclose(plain[-1], ref[-1], atol=1e-2)
 
 
 @pytest.mark.parametrize("skips", [True, False])
@@ -173,6 +224,47 @@ def test_decoder_reads_encoder_and_trains(skips):
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused, f"parameters outside the graph break DDP: {unused}"
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_skips_feed_the_decoder_deepest_first():
+    """SPEC 3: decoder block 0 reads the deepest kept encoder block (11, 0-based, after the final norm), then
+    blocks 9, 7, 5, 3, 1; each skip is added before its decoder block; a 7th decoder block reads nothing."""
+    model = randomise(M.MAE(tiny(decoder_depth=7))).eval()
+    encoder, calls = {}, []
+    for i, block in enumerate(model.encoder.blocks):
+        block.register_forward_hook(lambda m, inp, out, i=i: encoder.__setitem__(i, out))
+    model.encoder.norm.register_forward_hook(lambda m, inp, out: encoder.__setitem__("norm", out))
+    for i, skip in enumerate(model.skips):
+        skip.register_forward_hook(lambda m, inp, out, i=i: calls.append((f"skip {i}", inp[1])))
+    for i, block in enumerate(model.decoder_blocks):
+        block.register_forward_hook(lambda m, inp, out, i=i: calls.append((f"block {i}", None)))
+    model(torch.randn(2, 3, 32, 32))
+    assert [name for name, _ in calls] == [f"{kind} {i}" for i in range(6) for kind in ("skip", "block")] + ["block 6"]
+    fed = [next((k for k, t in encoder.items() if torch.equal(t, got)), "none") for _, got in calls if got is not None]
+    assert fed == ["norm", 9, 7, 5, 3, 1]
+
+
+def test_bf16_autocast_forward_backward_is_close_to_fp32():
+    """CUDA trains under bf16 autocast, which CI never runs; CPU autocast runs the same mixed-precision graph.
+    bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4%): predictions and gradients must agree with fp32 to
+    2% in relative norm (measured 0.4% and 0.6%); the loss, taken in fp32 from the predictions, to 2e-4 (measured
+    3e-5; the same loss summed in bf16 is off by 1e-3)."""
+    model = randomise(M.MAE(tiny()))
+    g = torch.Generator().manual_seed(1)
+    imgs, noise = torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 16, generator=g)
+    runs = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, pred, _ = model(imgs, noise=noise)
+        loss.backward()
+        runs.append((loss.detach().float(), pred.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss32, pred32, grad32), (loss16, pred16, grad16) = runs
+    assert pred16.dtype == torch.bfloat16  # autocast did reach the model
+    assert torch.isfinite(loss16) and torch.isfinite(grad16).all()
+    relative = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    assert relative(loss16, loss32) < 2e-4
+    assert relative(pred16, pred32) < 2e-2 and relative(grad16, grad32) < 2e-2
 
 
 def test_features_one_per_block_last_after_norm():
@@ -262,6 +354,7 @@ import sys
 
 import numpy as np
 
+import common
 import data
 import pretrain
 
@@ -333,6 +426,52 @@ def test_lr_schedule_shape():
     assert pretrain.lr_at(total, total, warm, peak) == pytest.approx(0, abs=1e-12)
 
 
+def pretrain_here(*args):
+    """pretrain.py's command line, run in this process: no interpreter start-up, so tiny runs take a second."""
+    pretrain.main([str(a) for a in args])
+
+
+def read_log(folder):
+    return [json.loads(line) for line in open(folder / "log.jsonl")]
+
+
+def test_logged_lr_follows_the_capped_schedule(tmp_path):
+    """12 images, batch 4: 3 steps per epoch, 10 epochs planned (30 steps) with 5 of warm-up (15 steps), capped
+    at 6 steps: the schedule shrinks to 6 steps with int(15 * 6 / 30) = 3 of warm-up. By hand, in units of the
+    peak lr 1e-2 * 4 / 256: 1/3, 2/3, 1, then a half cosine over 3 steps: 1, (1 + cos(pi/3)) / 2, (1 + cos(2pi/3)) / 2."""
+    root = write_png_folder(str(tmp_path / "imgs"))
+    pretrain_here("--model", "vit_p4_32", "--data", root, "--batch-size", 4, "--epochs", 10, "--warmup-epochs", 5,
+                  "--max-steps", 6, "--blr", 1e-2, "--log-every", 1, "--out-dir", tmp_path / "run")
+    log, peak = read_log(tmp_path / "run"), 1e-2 * 4 / 256
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+    assert [e["lr"] / peak for e in log] == pytest.approx([1 / 3, 2 / 3, 1, 1, 3 / 4, 1 / 4], rel=1e-9)
+    assert [e["lr"] for e in log] == [pretrain.lr_at(s, 6, 3, peak) for s in range(6)]
+
+
+def test_accumulation_equals_the_large_batch_and_resumes_exactly_at_an_epoch_boundary(tmp_path):
+    """12 images: --batch-size 4 --accum-steps 2 makes one step of 8 per epoch, as --batch-size 8 does, on the
+    same 8 images (one permutation per epoch). The 3rd micro-batch of 4 must be dropped, not leak into epoch 2's
+    step, nor be lost only by a run resumed at the epoch boundary."""
+    root = write_png_folder(str(tmp_path / "imgs"))
+    common = ["--model", "vit_p4_32", "--data", root, "--epochs", 2, "--blr", 1e-2, "--log-every", 1]
+    pretrain_here(*common, "--batch-size", 8, "--out-dir", tmp_path / "big")
+    pretrain_here(*common, "--batch-size", 4, "--accum-steps", 2, "--keep-every", 1, "--out-dir", tmp_path / "accum")
+    pretrain_here("--resume", tmp_path / "accum" / "ckpt_epoch001.pt", "--log-every", 1,
+                  "--out-dir", tmp_path / "resumed")
+    big, accum, resumed = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("big", "accum", "resumed"))
+    assert big["step"] == accum["step"] == resumed["step"] == 2
+    # float32: the accumulated gradient differs from the large batch's by rounding (1e-7 relative), and AdamW's
+    # normalised step turns that into weight differences far below the lr (3e-4): measured 2e-10. A leaked
+    # micro-batch moves weights by a fraction of the lr (~1e-5) and the logged loss by half (1.47 vs 0.98).
+    for k in big["model"]:
+        a, b, r = accum["model"][k], big["model"][k], resumed["model"][k]
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), f"{k}: accumulated vs large batch {(a - b).abs().max():.1e}"
+        assert torch.equal(r, a), f"{k}: resumed vs uninterrupted {(r - a).abs().max():.1e}"  # bit for bit
+    losses = {r: [e["loss"] for e in read_log(tmp_path / r)] for r in ("big", "accum", "resumed")}
+    assert losses["accum"] == pytest.approx(losses["big"], rel=1e-6)
+    assert losses["resumed"] == losses["accum"][1:]
+
+
 def test_weight_decay_groups():
     model = M.MAE(tiny())
     decay, no_decay = pretrain.param_groups(model, 0.05)
@@ -348,7 +487,7 @@ def test_weight_decay_groups():
 def test_flops_match_the_vit_b16_count():
     # ViT-B/16, plain MAE decoder, mask 0.75: about 19.6 GFLOPs forward (issue 6's reference figure)
     cfg = M.preset("vit_b16", decoder_skips=False)
-    assert pretrain.flops_per_image(cfg, 0.75) / 1e9 == pytest.approx(19.6, abs=0.1)
+    assert common.flops_per_image(cfg, 0.75) / 1e9 == pytest.approx(19.6, abs=0.1)
 
 
 def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path):
@@ -382,27 +521,62 @@ def test_keep_every_keeps_epoch_snapshots(tmp_path):
     assert all(torch.equal(last["model"][k], final["model"][k]) for k in final["model"])
 
 
-def load_weights(path):
-    return torch.load(path, weights_only=True)["model"]
+RECORDER = """# pretrain.main, recording each process's item order per epoch and its gradients at every optimizer step
+import json, os, sys
+sys.path.insert(0, {here!r})
+import torch
+import pretrain
+rank, out = int(os.environ.get("RANK", 0)), sys.argv[1]
+epoch_order, optimizer_step = pretrain.epoch_order, pretrain.optimizer_step
+orders, grads = [], []
+
+def recording_order(*args):
+    orders.append(epoch_order(*args))
+    with open(os.path.join(out, f"order{{rank}}.json"), "w") as f:
+        json.dump(orders, f)
+    return orders[-1]
+
+def recording_step(optimizer, scaler):
+    grads.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+    torch.save(grads, os.path.join(out, f"grads{{rank}}.pt"))
+    optimizer_step(optimizer, scaler)
+
+pretrain.epoch_order, pretrain.optimizer_step = recording_order, recording_step
+pretrain.main(sys.argv[2:])
+"""
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    common = ["--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 16, "--blr", 1e-3, "--warmup-epochs", 0]
-    run("pretrain.py", *common, "--out-dir", tmp_path / "one")
+    """Same global batch of 16, same masks: the two ranks' items are disjoint halves of each one-process batch,
+    and the all-reduced gradient equals the one-process gradient at each of 4 steps (zero-initialised branches
+    leave only decoder_pred with a gradient at step 1; by step 4 nearly every parameter has one). Weights after
+    AdamW steps are a weak check: Adam's step ignores the gradient's scale, except through its eps."""
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text(RECORDER.format(here=HERE))
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)  # 64 images, 4 steps: cheaper than shapes
+    common = ["--model", "vit_p4_32", "--data", root, "--max-steps", 4, "--batch-size", 16, "--blr", 1e-3]
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    run(recorder, tmp_path / "one", *common, "--out-dir", tmp_path / "one")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", "pretrain.py", *map(str, common), "--out-dir", str(tmp_path / "two")],
-                            capture_output=True, text=True, timeout=300, cwd=HERE)
+                             "--master_port", "29517", str(recorder), str(tmp_path / "two"), *map(str, common),
+                             "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    one, two = load_weights(tmp_path / "one" / "ckpt.pt"), load_weights(tmp_path / "two" / "ckpt.pt")
-    start = M.MAE(M.preset("vit_p4_32")).state_dict()
-    # Same global batch, same masks: the all-reduced gradient equals the one-process gradient up to the order
-    # of float additions. Adam's first step moves each weight by about lr (1.25e-3 * 16 / 256... = 6e-5 here);
-    # 1e-7 allows rounding and catches a wrong batch split, a missing average, or different masks.
-    moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start and "token" not in k)
-    assert moved > 1e-6
-    for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-7), k
+    one, rank0, rank1 = (torch.tensor(json.loads((tmp_path / d / f"order{r}.json").read_text())[0])
+                         for d, r in (("one", 0), ("two", 0), ("two", 1)))
+    assert not set(rank0.tolist()) & set(rank1.tolist())
+    halves = torch.cat([rank0.view(-1, 8), rank1.view(-1, 8)], dim=1)  # micro-batch b of each rank, side by side
+    assert torch.equal(halves.sort(dim=1).values, one.view(-1, 16).sort(dim=1).values)  # together: batch b
+    model = M.MAE(M.preset("vit_p4_32"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    names = [names[id(p)] for group in pretrain.param_groups(model, 0.05) for p in group["params"]]
+    steps_one, steps_two = torch.load(tmp_path / "one" / "grads0.pt"), torch.load(tmp_path / "two" / "grads0.pt")
+    assert len(steps_one) == len(steps_two) == 4
+    assert steps_one[-1][names.index("encoder.blocks.0.attn.qkv.weight")].norm() > 0  # the gradient reached block 0
+    for step, (grads_one, grads_two) in enumerate(zip(steps_one, steps_two), start=1):
+        for name, g1, g2 in zip(names, grads_one, grads_two, strict=True):  # float32: only rounding differs
+            diff = (g2 - g1).norm()
+            assert diff <= 1e-4 * g1.norm() + 1e-9, f"step {step}, {name}: {diff:.2e} off a gradient of norm {g1.norm():.2e}"
 
 
 # ----------------------------------------------------------------------------- reliability
@@ -441,7 +615,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    pretrain.save_atomic({"step": 1}, path)
+    common.save_atomic({"step": 1}, path)
 
     def disk_full(obj, f):
         f.write(b"partial")
@@ -449,7 +623,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left on device.*previous checkpoint is unchanged"):
-        pretrain.save_atomic({"step": 2}, path)
+        common.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
@@ -481,10 +655,10 @@ def finished_run(tmp_path_factory):
 PRETRAIN, PROBE, RANK = "pretrain.py", "probe.py", "rank.py"
 BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {run} is a finished run's folder
     (PRETRAIN, "--alpha-schedule linaer", "unknown alpha schedule 'linaer'; choose one of none, linear"),
-    (PRETRAIN, "--alpha-min 1.5", "alpha_min must be in (0, 1]"),
-    (PRETRAIN, "--alpha-min 0", "alpha_min must be in (0, 1]"),
+    (PRETRAIN, "--alpha-min 1.5", "argument --alpha-min: needs a finite number 0 < x <= 1"),
+    (PRETRAIN, "--alpha-min 0", "argument --alpha-min"),
     (PRETRAIN, "--img-size 30", "image size 30 is not divisible by patch size 4"),
-    (PRETRAIN, "--mask-ratio 1.0", "mask ratio must be in (0, 1)"),
+    (PRETRAIN, "--mask-ratio 1.0", "argument --mask-ratio: needs a finite number 0 < x < 1"),
     (PRETRAIN, "--model vit_x", "unknown model preset 'vit_x'; choose one of vit_b16"),
     (PRETRAIN, "--data imagenett", "unknown dataset 'imagenett'"),
     (PRETRAIN, "--data {tmp}/nowhere", "missing or empty data folder"),
@@ -495,12 +669,16 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--resume --out-dir {tmp}/fresh", "nothing to resume in {tmp}/fresh"),
     (PRETRAIN, "--out-dir {tmp}/notes.txt/sub", "cannot write to --out-dir"),
     (PRETRAIN, "--batch-size 1 --env-world 2", "batch size 1 must be a positive multiple of the 2 processes"),
-    (PRETRAIN, "--epochs zero", "invalid int value"),
-    (PRETRAIN, "--keep-every -1", "--save-every and --keep-every at least 0"),
+    (PRETRAIN, "--epochs zero", "argument --epochs: needs a whole number >= 1, got 'zero'"),
+    (PRETRAIN, "--keep-every -1", "argument --keep-every: needs a whole number >= 0"),
+    (PRETRAIN, "--blr nan", "argument --blr: needs a finite number 0 < x"),
     (PRETRAIN, "--device cuda:0", "--device cuda:0"),
-    (PRETRAIN, "--bench-data --batch-size 40000", "--bench-data needs at least 2 batches of 40000 images"),
+    ("bench.py", "--loader --batch-size 40000", "--loader needs at least 2 batches of 40000 images"),
+    ("bench.py", "--steps 0", "argument --steps: needs a whole number >= 1"),
     (PROBE, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (PROBE, "{tmp}/notes.txt", "is not a checkpoint"),
+    (PROBE, "{run}", "{run} is a folder; pass the checkpoint file in it"),
+    (PROBE, "{run}/ckpt.pt --lr -1", "argument --lr"),
     (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers"),
     (PROBE, "{run}/ckpt.pt --data imagenett", "unknown dataset"),
     (RANK, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
@@ -533,10 +711,170 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run):
 
 
 
-# ----------------------------------------------------------------------------- evaluation: probe.py and rank.py
+# ----------------------------------------------------------------------------- every numeric flag, every bad value
 
+import argparse
+import contextlib
+import io
+
+import bench
 import probe
 import rank
+
+# What each kind of flag takes, written out by hand for the values every numeric flag is tried with.
+TRIED = ["0", "1", "3", "0.5", "-1", "nan", "inf", "-inf", "1e30", "99999999999999999999", "abc", ""]
+TAKES = {
+    "count >= 1": {"1", "3", "99999999999999999999"},
+    "count >= 0": {"0", "1", "3", "99999999999999999999"},
+    "workers": {"0", "1", "3"},  # 0 .. 256
+    "seed": {"0", "1", "3"},  # 0 .. 2**32 - 1: a negative seed is refused
+    "real > 0": {"1", "3", "0.5", "1e30", "99999999999999999999"},
+    "real >= 0": {"0", "1", "3", "0.5", "1e30", "99999999999999999999"},
+    "fraction (0, 1)": {"0.5"},
+    "alpha (0, 1]": {"1", "0.5"},
+}
+TEXT, SWITCH = "text, checked by the stage", "switch"
+FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a row here fails the next test
+    "pretrain": {
+        "--model": TEXT, "--img-size": "count >= 1", "--alpha-schedule": TEXT, "--alpha-min": "alpha (0, 1]",
+        "--decay-as-lr": SWITCH, "--decoder-skips": SWITCH, "--mask-ratio": "fraction (0, 1)", "--data": TEXT,
+        "--download": SWITCH,
+        "--data-root": TEXT, "--epochs": "count >= 1", "--max-steps": "count >= 1", "--batch-size": "count >= 1",
+        "--accum-steps": "count >= 1", "--blr": "real > 0", "--weight-decay": "real >= 0",
+        "--warmup-epochs": "real >= 0", "--seed": "seed", "--out-dir": TEXT, "--device": TEXT, "--compile": SWITCH,
+        "--resume": TEXT, "--workers": "workers", "--log-every": "count >= 1", "--save-every": "count >= 0",
+        "--keep-every": "count >= 0"},
+    "probe": {
+        "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--device": TEXT, "--batch-size": "count >= 1",
+        "--workers": "workers", "--compare": TEXT, "--layers": TEXT, "--n-train": "count >= 0",
+        "--n-val": "count >= 0", "--n-test": "count >= 0",
+        "--epochs": "count >= 1", "--lr": "real > 0", "--out": TEXT},
+    "rank": {
+        "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--device": TEXT, "--batch-size": "count >= 1",
+        "--workers": "workers", "--compare": TEXT, "--n": "count >= 0", "--n-tokens": "count >= 0", "--out": TEXT},
+    "bench": {
+        "--model": TEXT, "--img-size": "count >= 1", "--alpha-schedule": TEXT, "--alpha-min": "alpha (0, 1]",
+        "--decay-as-lr": SWITCH, "--decoder-skips": SWITCH, "--mask-ratio": "fraction (0, 1)",
+        "--batch-size": "count >= 1", "--steps": "count >= 1", "--device": TEXT, "--compile": SWITCH, "--loader": SWITCH, "--data": TEXT,
+        "--data-root": TEXT, "--workers": "workers"},
+}
+PARSERS = {"pretrain": pretrain.build_parser, "probe": probe.build_parser, "rank": rank.build_parser,
+           "bench": bench.build_parser}
+NUMERIC = [(script, flag) for script, flags in FLAG_TABLE.items() for flag, kind in flags.items() if kind in TAKES]
+
+
+def test_flag_table_covers_every_parser():
+    for script, build in PARSERS.items():
+        actions = [a for a in build()._actions if not isinstance(a, argparse._HelpAction)]
+        assert {(a.option_strings or [a.dest])[0] for a in actions} == set(FLAG_TABLE[script]), script
+
+
+def parse_one(script, flag, value):
+    """(namespace or None, exit code, stderr) of one parse, in process."""
+    argv = (["ckpt.pt"] if script in ("probe", "rank") else []) + [f"{flag}={value}"]  # '=' lets "-1" through as a value
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            return PARSERS[script]().parse_args(argv), None, err.getvalue()
+        except SystemExit as stop:
+            return None, stop.code, err.getvalue()
+
+
+@pytest.mark.parametrize("script,flag", NUMERIC, ids=[f"{s}:{f}" for s, f in NUMERIC])
+def test_numeric_flag_takes_its_range_and_refuses_the_rest_in_one_line(script, flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    takes = TAKES[FLAG_TABLE[script][flag]]
+    for value in TRIED:
+        args, code, err = parse_one(script, flag, value)
+        if value in takes:
+            parsed = getattr(args, flag.lstrip("-").replace("-", "_"))
+            assert code is None and parsed == (int if isinstance(parsed, int) else float)(value), (value, err)
+        else:
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: argument {flag}:"), (value, err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_given_zero_is_never_replaced_by_a_default():
+    args, _ = pretrain.parse_args(["--warmup-epochs", "0", "--weight-decay", "0", "--save-every", "0"])
+    pretrain.fill_defaults(args, torch.device("cpu"))
+    assert (args.warmup_epochs, args.weight_decay, args.save_every) == (0, 0, 0)
+    args, _ = pretrain.parse_args([])
+    pretrain.fill_defaults(args, torch.device("cpu"))
+    assert (args.epochs, args.batch_size, args.blr, args.workers) == (pretrain.CPU_EPOCHS, 128, 1.5e-3, 0)
+    assert args.warmup_epochs == pytest.approx(0.05 * pretrain.CPU_EPOCHS)
+
+
+# ----------------------------------------------------------------------------- decay is a learning rate (SPEC 8)
+
+def decayed_and_as_lr(skips, alpha_min=0.6):
+    """The decayed MAE and its residual twin under decay_as_lr, float64, from the same seed."""
+    cfg = dict(img_size=16, patch_size=4, width=16, depth=4, heads=2, decoder_width=16, decoder_depth=3,
+               decoder_heads=2, alpha_schedule="linear", alpha_min=alpha_min, decoder_skips=skips)
+    models = []
+    for as_lr in (False, True):
+        torch.manual_seed(0)
+        models.append(M.MAE(M.MAEConfig(**cfg, decay_as_lr=as_lr)).double())
+    return models
+
+
+def hand_scales(model):
+    """The multipliers of SPEC 8 written out: c_k is the running product of the paper's linear alphas."""
+    n, a_min = 2 * model.config.depth, model.config.alpha_min
+    c = list(itertools.accumulate((1 - (1 - a_min) * k / (n - 1) for k in range(n)), operator.mul))
+    scales = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if name.startswith("encoder.blocks.") and parts[4] in ("proj", "fc2"):
+            scales[name] = 1 / c[2 * int(parts[2]) + (parts[4] == "fc2")]
+        if name.startswith("skips.") and parts[2] in ("fc1_enc", "mask_token"):
+            block = [3, 1][int(parts[1])]  # depth 4: skips read blocks 3 (after the final norm) and 1
+            c_b = 1.0 if block == 3 else c[2 * block + 1]
+            scales[name] = c_b if parts[2] == "fc1_enc" else 1 / c_b
+    return scales
+
+
+@pytest.mark.parametrize("skips", [False, True])
+def test_decay_is_a_learning_rate_under_adamw(skips):
+    decayed, as_lr = decayed_and_as_lr(skips)
+    scales = hand_scales(decayed)
+    assert as_lr.decay_scales() == pytest.approx(scales) and decayed.decay_scales() == {}
+    for model in (decayed, as_lr):
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.eps = 1e-15  # the one inexact piece: LayerNorm's eps sees the decayed stream's scale
+    g = torch.Generator().manual_seed(1)
+    imgs, noise = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64), torch.rand(4, 16, generator=g)
+    optimizers = [torch.optim.AdamW(pretrain.param_groups(m, 0.05), betas=(0.9, 0.95), eps=1e-8) for m in (decayed, as_lr)]
+    for step in range(8):
+        for model, optimizer in zip((decayed, as_lr), optimizers):
+            for group in optimizer.param_groups:
+                group["lr"] = 3e-3 * group.get("lr_scale", 1.0)
+            loss = model(imgs, noise=noise.double())[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    ours = dict(as_lr.named_parameters())
+    for name, p in decayed.named_parameters():
+        expected = p.detach() * scales.get(name, 1.0)
+        error = (ours[name].detach() - expected).norm() / expected.norm().clamp_min(1e-30)
+        assert error < 1e-6, (name, float(error))
+
+
+@pytest.mark.parametrize("skips", [False, True])
+def test_rescaled_residual_model_computes_the_decayed_one_at_the_real_eps(skips):
+    decayed, as_lr = decayed_and_as_lr(skips, alpha_min=0.7)
+    randomise(decayed)
+    with torch.no_grad():
+        for name, p in as_lr.named_parameters():
+            p.copy_(decayed.get_parameter(name) * as_lr.decay_scales().get(name, 1.0))
+    imgs, noise = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.rand(2, 16, dtype=torch.float64)
+    (loss_a, pred_a, _), (loss_b, pred_b, _) = decayed(imgs, noise=noise), as_lr(imgs, noise=noise)
+    assert torch.allclose(pred_a, pred_b, rtol=1e-4, atol=1e-6) and loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- evaluation: probe.py and rank.py
+
 
 
 def test_effective_rank_hand_computed_cases():
@@ -571,6 +909,20 @@ def test_knn_on_separable_clusters():
     assert probe.knn_accuracy(train_x, shuffled, test_x, test_y) < 60
 
 
+def test_knn_votes_by_exp_similarity_over_t_by_hand():
+    """One test point (1, 0), k = 3. Class 0 has one neighbour at cosine 1, class 1 two at cosine 0.8 (one of
+    them 5 long: features are normalised), class 0 five more at cosine 0.5, beyond k. By hand, t = 0.07:
+    class 0 exp(1 / 0.07) = 1.6e6 beats 2 exp(0.8 / 0.07) = 1.8e5, where a plain majority says class 1;
+    t = 1: e = 2.72 loses to 2 e^0.8 = 4.45, unless the five beyond k vote too (+ 5 e^0.5 = 8.2)."""
+    c = math.sqrt(0.75)
+    train_x = torch.tensor([[2.0, 0.0], [4.0, 3.0], [0.8, -0.6], [0.5, c], [0.5, -c], [1.0, 2 * c], [1.0, -2 * c],
+                            [1.5, 3 * c]])
+    train_y = torch.tensor([0, 1, 1, 0, 0, 0, 0, 0])
+    test_x, test_y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert probe.knn_accuracy(train_x, train_y, test_x, test_y, k=3, t=0.07) == 100.0
+    assert probe.knn_accuracy(train_x, train_y, test_x, test_y, k=3, t=1.0) == 0.0
+
+
 def test_linear_probe_on_linearly_separable_features():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 4, generator=g)
@@ -589,6 +941,27 @@ def test_linear_probe_on_linearly_separable_features():
     assert accs[1] < 40, accs  # a head on noise stays near chance (25%): heads do not leak into each other
 
 
+def test_best_block_is_chosen_on_validation_and_reported_on_test():
+    rows = [{"layer": 1, "lp_mean": 90.0, "val_lp_mean": 50.0, "knn_mean": 10.0, "val_knn_mean": 70.0},
+            {"layer": 2, "lp_mean": 60.0, "val_lp_mean": 80.0, "knn_mean": 40.0, "val_knn_mean": 20.0},
+            {"layer": 3, "lp_mean": 70.0, "val_lp_mean": 60.0, "knn_mean": 90.0, "val_knn_mean": 30.0}]
+    head = probe.headline(rows)
+    assert (head["layer"], head["linear_probe"], head["knn"]) == (3, 70.0, 90.0)  # the last block
+    assert head["best_linear_probe"] == {"layer": 2, "test": 60.0, "val": 80.0}  # test alone would pick block 1
+    assert head["best_knn"] == {"layer": 1, "test": 10.0, "val": 70.0}
+
+
+def test_validation_sample_is_disjoint_from_the_probe_sample():
+    args = probe.build_parser().parse_args(["x.pt", "--n-train", "300", "--n-val", "200", "--n-test", "50"])
+    splits = probe.probe_splits(data.EMBEDDED, 32, "./data", args)
+    train, val = set(splits["train"].indices), set(splits["val"].indices)
+    assert (len(train), len(val), len(splits["test"])) == (300, 200, 50) and not train & val
+    args.n_train = 0  # all of the train split but the validation images
+    splits = probe.probe_splits(data.EMBEDDED, 32, "./data", args)
+    assert len(splits["train"]) + len(splits["val"]) == len(data.get_dataset(data.EMBEDDED, "train", 32, False))
+    assert not set(splits["train"].indices) & set(splits["val"].indices)
+
+
 def test_probe_and_rank_end_to_end(finished_run):
     ckpt = finished_run / "run" / "ckpt.pt"
     out = run(PROBE, ckpt, "--n-train", 200, "--n-test", 100, "--epochs", 3, "--layers", "1,12").stdout
@@ -596,6 +969,12 @@ def test_probe_and_rank_end_to_end(finished_run):
     assert [r["layer"] for r in result["layers"]] == [1, 12] and result["n_test"] == 100
     assert result["headline"]["pooling"] in out and "k-NN" in out
     assert all(0 <= r["lp_mean"] <= 100 and 0 <= r["knn_cls"] <= 100 for r in result["layers"])
+    out = run(PROBE, ckpt, "--compare", ckpt, "--n-train", 200, "--n-val", 100, "--n-test", 100, "--epochs", 3,
+              "--layers", "1,12").stdout
+    result = json.load(open(finished_run / "run" / "probe_compare.json"))
+    first, second = result["checkpoints"]
+    assert first["layers"] == second["layers"] and first["n_val"] == 100 and "(+0.0/+0.0)" in out
+    assert first["headline"]["best_linear_probe"]["layer"] in (1, 12) and "best linear probe block" in out
     out = run(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt).stdout
     result = json.load(open(finished_run / "run" / "rank.json"))
     layers = result["checkpoints"][0]["layers"]
@@ -618,15 +997,14 @@ def test_public_weights_path(tmp_path):
 
 # ----------------------------------------------------------------------------- benchmark
 
-def test_bench_smoke(tmp_path):
-    out = run(PRETRAIN, "--bench", "--model", "vit_p4_32", "--batch-size", 8, "--bench-steps", 2,
-              "--out-dir", tmp_path / "never").stdout
+def test_bench_smoke():
+    before = set(os.listdir(HERE))
+    out = run("bench.py", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2).stdout
     assert "GFLOPs per image" in out
     assert all(field in out for field in ("ms/step", "img/s", "mfu", "peak mem"))
-    assert not (tmp_path / "never").exists()  # a benchmark writes nothing
-    out = run(PRETRAIN, "--bench-data", "--model", "vit_p4_32", "--batch-size", 8, "--bench-steps", 2,
-              "--out-dir", tmp_path / "never").stdout
-    assert "bench-data: shapes" in out and "img/s" in out
+    out = run("bench.py", "--loader", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2).stdout
+    assert f"bench loader: {data.EMBEDDED}" in out and "img/s" in out
+    assert set(os.listdir(HERE)) == before  # a benchmark writes nothing (no out/, no log)
 
 
 # ----------------------------------------------------------------------------- the study's summary

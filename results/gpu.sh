@@ -2,9 +2,9 @@
 # Every GPU number in the README, on one card; each stage but `all` fits one 10-minute call on an H200:
 #   bash results/gpu.sh OUT_DIR [all|bench|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
 # bench: stages 1 and 3 (about 4 minutes); default: stage 2 (2 minutes); study: stage 4 (6 minutes); curve: stage 5
-# 1. --bench, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
+# 1. bench.py, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
 # 2. the default command on CUDA (compile + AMP), whole, with its wall time
-# 3. --bench-data on an ImageFolder of JPEGs it writes, 16 workers
+# 3. bench.py --loader on an ImageFolder of JPEGs it writes, 16 workers
 # 4. the issue-5 study of the CPU preset (8 arms x 3 seeds)
 # 5. results/curve.py, none and linear-0.6 side by side, 12 and then 24 epochs of the GPU default recipe, each
 #    probed and ranked at 4 checkpoints (about 3 + 5 minutes: give it BUDGET_S=560)
@@ -27,20 +27,20 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
 nproc
 
 if [ "$QUICK" = 1 ]; then
-  BENCH="--model vit_p4_32 --batch-size 32 --bench-steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
+  BENCH="--model vit_p4_32 --batch-size 32 --steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
   STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 cosine-best"; CURVE_EPOCHS="4"; CAP="--max-steps 3"
   PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
 else
-  BENCH="--model vit_b16 --batch-size 256 --bench-steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
+  BENCH="--model vit_b16 --batch-size 256 --steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
   STUDY="--epochs 2"; CURVE_EPOCHS="12 24"
   PROBE=""; RANK=""; CAP=""
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
 stamp "bench eager (ours vs timm Block)"
-timeout 120 $PY pretrain.py --bench --no-compile $BENCH
+timeout 120 $PY bench.py --no-compile $BENCH
 stamp "bench compiled (ours) vs timm Block eager"
-timeout 240 $PY pretrain.py --bench --compile $BENCH
+timeout 240 $PY bench.py --compile $BENCH
 
 stamp "bench-data: ImageFolder of $N_JPEG JPEGs, $WORKERS workers"
 $PY - "$OUT/jpegs" "$N_JPEG" <<'EOF'
@@ -60,8 +60,8 @@ def write(i):  # ImageNet-like size and detail: smooth colour fields plus grain,
 with Pool() as pool:
     pool.map(write, range(n + 64))
 EOF
-timeout 90 $PY pretrain.py --bench-data --data "$OUT/jpegs" --workers $WORKERS --batch-size 256 --bench-steps 25
-timeout 60 $PY pretrain.py --bench-data --workers $WORKERS --batch-size 256 --bench-steps 25
+timeout 90 $PY bench.py --loader --data "$OUT/jpegs" --workers $WORKERS --batch-size 256 --steps 25
+timeout 60 $PY bench.py --loader --workers $WORKERS --batch-size 256 --steps 25
 rm -rf "$OUT/jpegs"
 
 fi

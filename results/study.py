@@ -73,10 +73,11 @@ def run_arm(name, flags, seed, epochs, out, extra):
 def probe_summary(path):
     """Last-block and best-block accuracy of a probe.json, in its headline pooling, and the per-block lists."""
     probe = json.load(open(path))
-    pool = probe["headline"]["pooling"]
+    head, pool = probe["headline"], probe["headline"]["pooling"]
     lp, knn = [r["lp_" + pool] for r in probe["layers"]], [r["knn_" + pool] for r in probe["layers"]]
-    return dict(lp_last=lp[-1], lp_best=max(lp), knn_last=knn[-1], knn_best=max(knn), lp_by_layer=lp,
-                knn_by_layer=knn, pooling=pool)
+    best = lambda key, values: head[key]["test"] if key in head else max(values)  # on validation, where probe.py had it
+    return dict(lp_last=lp[-1], lp_best=best("best_linear_probe", lp), knn_last=knn[-1], knn_best=best("best_knn", knn),
+                lp_by_layer=lp, knn_by_layer=knn, pooling=pool)
 
 
 def best_linear_alpha_min(rows):

@@ -1,0 +1,143 @@
+"""How fast pretraining runs: full training steps on a synthetic batch (ours, and the same MAE built from timm's
+Block as facebookresearch/mae runs it, when timm is installed), or the data loader alone. Writes nothing.
+
+    python bench.py                                          # CPU: the default preset; CUDA: ViT-B/16
+    python bench.py --model vit_b16 --batch-size 256 --compile --steps 30
+    python bench.py --loader --data /path/to/imagenet --workers 16
+"""
+import argparse
+import time
+
+import torch
+
+import data
+from common import Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device, positive_int, real, whole
+from model import MAE, PRESETS, SCHEDULES
+from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", help=f"preset: {', '.join(PRESETS)} (default: vit_b16 on CUDA, else {CPU_PRESET})")
+    a("--img-size", type=positive_int, help="image side in pixels (default: the preset's)")
+    a("--alpha-schedule", default="linear", help=f"{', '.join(SCHEDULES)} (default: linear)")
+    a("--alpha-min", type=real(0, 1, low_open=True), default=0.6, help="in (0, 1] (default: 0.6)")
+    a("--decay-as-lr", action="store_true", help="the residual encoder with decay's per-layer learning rates")
+    a("--decoder-skips", action=argparse.BooleanOptionalAction, default=True, help="default: on")
+    a("--mask-ratio", type=fraction, default=0.75, help="in (0, 1) (default: 0.75)")
+    a("--batch-size", type=positive_int, help="default: 256 on CUDA, else 128")
+    a("--steps", type=positive_int, default=20, help="timed steps or batches (default: 20)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile ours (default: on CUDA only)")
+    a("--loader", action="store_true", help="time the data loader alone (decode + augmentation + mask noise)")
+    a("--data", default=data.EMBEDDED, help=f"with --loader: {data.EMBEDDED} (default), a dataset name or an ImageFolder root")
+    a("--data-root", default="./data", help="where torchvision datasets live (default: ./data)")
+    a("--workers", type=whole(0, 256), help="with --loader: loader processes (default: 8 on CUDA, else 0)")
+    return p
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timm_reference(cfg):
+    """The same MAE with timm's Block, run eagerly under autocast, as facebookresearch/mae does."""
+    from functools import partial
+
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    def blocks(dim, heads, n):
+        norm = partial(torch.nn.LayerNorm, eps=1e-6)
+        return torch.nn.ModuleList(TimmBlock(dim, heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(n))
+
+    model = MAE(cfg)
+    model.encoder.blocks = blocks(cfg.width, cfg.heads, cfg.depth)
+    model.decoder_blocks = blocks(cfg.decoder_width, cfg.decoder_heads, cfg.decoder_depth)
+    return model
+
+
+def seconds_per_step(model, device, imgs, steps, warmup):
+    """Full training steps (the recipe's own AdamW) on one batch already on the device; syncs only around the timing."""
+    optimizer, scaler = optimizer_and_scaler(model, 0.05, device)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        with autocast(device):
+            loss = model(imgs)[0]
+        scaler.scale(loss).backward()
+        optimizer_step(optimizer, scaler)
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_steps(args, cfg, device):
+    """{label: images per second} for ours and, if timm is installed, the timm-Block reference."""
+    imgs = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    flops, peak = 3 * flops_per_image(cfg, cfg.mask_ratio), peak_flops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
+    print(f"bench: {name}, {args.model}, batch {args.batch_size}, mask {cfg.mask_ratio}, skips {cfg.decoder_skips}, "
+          f"{flops / 1e9:.1f} GFLOPs per image per step (forward {flops / 3e9:.1f})")
+    ours = MAE(cfg).to(device)
+    variants = [("ours" + (" compiled" if args.compile else " eager"), torch.compile(ours) if args.compile else ours)]
+    try:
+        variants.append(("timm Block, eager", timm_reference(cfg).to(device)))
+    except ImportError:
+        print("  (timm not installed: pip install timm to time the timm-based reference too)")
+    results = {}
+    for label, model in variants:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sec = seconds_per_step(model, device, imgs, args.steps, warmup=10 if args.compile else 3)
+        img_s = args.batch_size / sec
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        mfu = f"{flops * img_s / peak:6.1%}" if peak else "   n/a"
+        results[label] = img_s
+        print(f"  {label:<20} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem:.2f} GiB")
+    if len(results) == 2:
+        first, second = results.values()
+        print(f"  ratio ours / timm reference: {first / second:.2f}x")
+    return results
+
+
+def bench_loader(args, cfg, device):
+    try:
+        train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True, root=args.data_root)
+    except data.DataError as e:
+        fail(str(e))
+    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
+    items = SeededItems(train_set, 0, (cfg.img_size // cfg.patch_size) ** 2)
+    loader = torch.utils.data.DataLoader(items, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True)
+    if len(loader) < 2:
+        fail(f"--loader needs at least 2 batches of {args.batch_size} images; {args.data} has {len(train_set)}")
+    batches = iter(loader)
+    next(batches)  # workers start
+    start = time.perf_counter()
+    n = sum(len(next(batches)[0]) for _ in range(min(args.steps, len(loader) - 1)))
+    img_s = n / (time.perf_counter() - start)
+    print(f"bench loader: {args.data}, {workers} workers, batch {args.batch_size}: {img_s:.0f} img/s "
+          f"(decode + augmentation + mask noise)")
+    return img_s
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    cuda, embedded = device.type == "cuda", args.data == data.EMBEDDED
+    if args.model is None:  # the step benchmark on CUDA is about ViT-B/16; the loader's model only sets the image size
+        args.model = CPU_PRESET if embedded and (args.loader or not cuda) else "vit_b16"
+    if args.batch_size is None:
+        args.batch_size = 256 if cuda else 128
+    if args.compile is None:
+        args.compile = cuda
+    cfg = model_config(args)
+    return bench_loader(args, cfg, device) if args.loader else bench_steps(args, cfg, device)
+
+
+if __name__ == "__main__":
+    main()

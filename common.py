@@ -1,0 +1,157 @@
+"""What more than one script needs: one-line errors, typed flags, the device and autocast, checkpoint files,
+the warm-up + cosine learning-rate schedule, and the FLOP count behind MFU. Imports no stage, so evaluation
+never loads the training script."""
+import argparse
+import contextlib
+import math
+import os
+import sys
+
+import torch
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other bad input
+        fail(f"{message} (see --help)")
+
+
+# ---- typed flags: argparse calls these on the text, and a refusal names the flag. None means "not given",
+# so 0 is always a value and never a stand-in for the default.
+
+def whole(low, high=None):
+    """A whole number in [low, high]."""
+    span = f">= {low}" if high is None else f"from {low} to {high}"
+
+    def parse(text):
+        if not text.strip().lstrip("+-").isdigit() or int(text) < low or (high is not None and int(text) > high):
+            raise argparse.ArgumentTypeError(f"needs a whole number {span}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def real(low=None, high=None, low_open=False, high_open=False):
+    """A finite number in the interval given (None: unbounded on that side)."""
+    left = "" if low is None else f"{low:g} <{'' if low_open else '='} "
+    right = "" if high is None else f" <{'' if high_open else '='} {high:g}"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (low is None or value > low or (value == low and not low_open)) \
+            and (high is None or value < high or (value == high and not high_open))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"needs a finite number {left}x{right}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = whole(1), whole(0)
+positive, non_negative = real(0, low_open=True), real(0)
+fraction = real(0, 1, low_open=True, high_open=True)  # in (0, 1)
+SEED = whole(0, 2**32 - 1)  # numpy's seed range; a negative seed is refused rather than folded onto another
+
+
+# ---- device
+
+def pick_device(name="auto"):
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: no CUDA device on this machine; use --device auto or cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device):
+    """bf16 on CUDA (fp16 on cards without bf16); full fp32 everywhere else."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+# ---- checkpoints, schedules, FLOPs
+
+def save_atomic(obj, path):
+    """Write to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not save {path} ({e.strerror or e}); the previous checkpoint is unchanged") from e
+
+
+def load_checkpoint(path):
+    if os.path.isdir(path):
+        fail(f"{path} is a folder; pass the checkpoint file in it (e.g. {os.path.join(path, 'ckpt.pt')})")
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist; pass the ckpt.pt that pretrain.py wrote")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a checkpoint torch can read ({type(e).__name__}); pass a ckpt.pt from pretrain.py")
+    if not isinstance(ckpt, dict):
+        fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr):
+    """Linear warm-up (never 0 on the first step), then half-cycle cosine to 0; updated every step."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def flops_per_image(cfg, mask_ratio):
+    """Matmul FLOPs of one forward pass of the masked MAE as run (x3 for forward + backward).
+
+    A block on T tokens of width d: 2*T*d*d*(4 + 2*mlp_ratio) for qkv, proj and the MLP, plus 4*T*T*d for
+    q@k and attn@v. Encoder: T = 1 + visible patches; decoder: T = 1 + all patches. ViT-B/16 at mask 0.75,
+    plain decoder: 19.6 GFLOPs forward.
+    """
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    keep, pix = n - int(n * mask_ratio), cfg.patch_size ** 2 * cfg.in_chans
+    d, dd, r = cfg.width, cfg.decoder_width, cfg.mlp_ratio
+
+    def block(t, w):
+        return 2 * t * w * w * (4 + 2 * r) + 4 * t * t * w
+
+    total = 2 * n * pix * d + cfg.depth * block(1 + keep, d)  # patch embedding runs on every patch
+    total += cfg.decoder_depth * block(1 + n, dd) + 2 * (1 + n) * dd * pix
+    if cfg.decoder_skips:
+        n_skips = min(cfg.depth // 2, cfg.decoder_depth)
+        total += n_skips * 2 * (1 + n) * ((dd + d) * dd + dd * dd)
+    else:
+        total += 2 * (1 + keep) * d * dd
+    return total
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

@@ -36,8 +36,10 @@ def whole(low, high=None):
 
 def real(low=None, high=None, low_open=False, high_open=False):
     """A finite number in the interval given (None: unbounded on that side)."""
-    left = "" if low is None else f"{low:g} <{'' if low_open else '='} "
-    right = "" if high is None else f" <{'' if high_open else '='} {high:g}"
+    if low is not None and high is not None:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    else:
+        span = f">{'' if low_open else '='} {low:g}" if low is not None else f"<{'' if high_open else '='} {high:g}"
 
     def parse(text):
         try:
@@ -47,7 +49,7 @@ def real(low=None, high=None, low_open=False, high_open=False):
         ok = math.isfinite(value) and (low is None or value > low or (value == low and not low_open)) \
             and (high is None or value < high or (value == high and not high_open))
         if not ok:
-            raise argparse.ArgumentTypeError(f"needs a finite number {left}x{right}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"needs a finite number {span}, got {text!r}")
         return value
     return parse
 

@@ -370,17 +370,65 @@ def run(script, *args, check=True, env=None, timeout=300):
     return result
 
 
-def test_shapes_are_deterministic_balanced_and_split():
-    train_x, train_y = data.make_shapes("train")
-    test_x, test_y = data.make_shapes("test")
-    assert train_x.shape == (50_000, 32, 32, 3) and train_x.dtype == np.uint8
-    assert test_x.shape == (10_000, 32, 32, 3)
-    assert np.bincount(train_y).tolist() == [5_000] * 10 and np.bincount(test_y).tolist() == [1_000] * 10
-    again_x, again_y = data._generate_shapes("test", 0)  # bypasses every cache
-    assert np.array_equal(again_x, test_x) and np.array_equal(again_y, test_y)
-    other_x, _ = data._generate_shapes("test", 1)
-    assert not np.array_equal(other_x, test_x)
-    assert not any(np.array_equal(train_x[i], test_x[0]) for i in range(1000))
+def test_glyphs_are_deterministic_balanced_and_seeded():
+    images, labels = data._generate_glyphs("test", 0, count=500)
+    again_images, again_labels = data._generate_glyphs("test", 0, count=500)  # bypasses every cache
+    assert images.shape == (500, 32, 32) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.array_equal(images, again_images) and np.array_equal(labels, again_labels)
+    assert np.bincount(labels).tolist() == [50] * len(data.GLYPHS) == [50] * data.num_classes(data.EMBEDDED)
+    assert not np.array_equal(images, data._generate_glyphs("test", 1, count=500)[0])  # the seed matters
+    assert not np.array_equal(images, data._generate_glyphs("train", 0, count=500)[0])  # the splits differ
+    assert images.std() > 30 and 0 < images.mean() < 255  # neither blank nor saturated
+
+
+def test_glyphs_split_sizes_and_loader():
+    for split, size in (("train", 50_000), ("test", 10_000)):  # generated once, then read from the disk cache
+        images, labels = data.make_glyphs(split)
+        assert images.shape == (size, 32, 32) and np.bincount(labels).tolist() == [size // 10] * 10
+    assert data.EMBEDDED == data.DATASETS[0] == "glyphs" and data.NATIVE_SIZE["glyphs"] == data.SIZE == 32
+    assert data.SPLIT_SIZES["train"] >= 50_000 and data.SPLIT_SIZES["test"] >= 10_000
+    assert all(size % len(data.GLYPHS) == 0 for size in data.SPLIT_SIZES.values())  # exact class balance
+    assert len(set(data.GLYPHS)) == len(data.GLYPHS) >= 10
+    images, labels = data._generate_glyphs("train", 0, count=20)
+    dataset = data.TensorImages(torch.from_numpy(images)[:, None], labels,
+                                data._transform("glyphs", 32, train_aug=False, native_size=32), data.GLYPHS)
+    image, label = dataset[3]
+    assert image.shape == (3, 32, 32) and label == labels[3] and torch.equal(image[0], image[2])
+
+
+def test_glyphs_classes_are_not_in_global_statistics():
+    """A linear classifier on each image's mean and standard deviation (the only global statistics a grey image
+    has; the 3 channels are copies) must stay near chance: the class is the shape, not the amount of ink."""
+    images, labels = data._generate_glyphs("train", 3, count=3000)
+    flat = torch.from_numpy(images).flatten(1).float() / 255
+    stats = torch.stack([flat.mean(1), flat.std(1)], 1)
+    stats = (stats - stats.mean(0)) / stats.std(0)
+    features = torch.cat([stats, stats ** 2, stats.prod(1, keepdim=True)], 1)  # quadratic: stricter than linear
+    labels = torch.from_numpy(labels)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(features.shape[1], len(data.GLYPHS))
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(features[:2000]), labels[:2000])
+        loss.backward()
+        return loss
+    opt.step(closure)
+    accuracy = (head(features[2000:]).argmax(1) == labels[2000:]).float().mean().item()
+    assert accuracy <= 0.25, f"global statistics give {accuracy:.0%}"  # 15% on this sample (chance 10%)
+
+
+def test_glyphs_do_not_depend_on_the_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = data._generate_glyphs("train", 0, count=200)[0]
+        torch.set_num_threads(max(2, threads))
+        many = data._generate_glyphs("train", 0, count=200)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(one, many)
 
 
 def write_png_folder(root, n_per_class=6, size=40, corrupt=0):
@@ -553,7 +601,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     AdamW steps are a weak check: Adam's step ignores the gradient's scale, except through its eps."""
     recorder = tmp_path / "recorder.py"
     recorder.write_text(RECORDER.format(here=HERE))
-    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)  # 64 images, 4 steps: cheaper than shapes
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)  # 64 images, 4 steps: cheaper than the embedded set
     common = ["--model", "vit_p4_32", "--data", root, "--max-steps", 4, "--batch-size", 16, "--blr", 1e-3]
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     run(recorder, tmp_path / "one", *common, "--out-dir", tmp_path / "one")
@@ -655,10 +703,10 @@ def finished_run(tmp_path_factory):
 PRETRAIN, PROBE, RANK = "pretrain.py", "probe.py", "rank.py"
 BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {run} is a finished run's folder
     (PRETRAIN, "--alpha-schedule linaer", "unknown alpha schedule 'linaer'; choose one of none, linear"),
-    (PRETRAIN, "--alpha-min 1.5", "argument --alpha-min: needs a finite number 0 < x <= 1"),
+    (PRETRAIN, "--alpha-min 1.5", "argument --alpha-min: needs a finite number in (0, 1], got '1.5'"),
     (PRETRAIN, "--alpha-min 0", "argument --alpha-min"),
     (PRETRAIN, "--img-size 30", "image size 30 is not divisible by patch size 4"),
-    (PRETRAIN, "--mask-ratio 1.0", "argument --mask-ratio: needs a finite number 0 < x < 1"),
+    (PRETRAIN, "--mask-ratio 1.0", "argument --mask-ratio: needs a finite number in (0, 1)"),
     (PRETRAIN, "--model vit_x", "unknown model preset 'vit_x'; choose one of vit_b16"),
     (PRETRAIN, "--data imagenett", "unknown dataset 'imagenett'"),
     (PRETRAIN, "--data {tmp}/nowhere", "missing or empty data folder"),
@@ -671,7 +719,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--batch-size 1 --env-world 2", "batch size 1 must be a positive multiple of the 2 processes"),
     (PRETRAIN, "--epochs zero", "argument --epochs: needs a whole number >= 1, got 'zero'"),
     (PRETRAIN, "--keep-every -1", "argument --keep-every: needs a whole number >= 0"),
-    (PRETRAIN, "--blr nan", "argument --blr: needs a finite number 0 < x"),
+    (PRETRAIN, "--blr nan", "argument --blr: needs a finite number > 0, got 'nan'"),
     (PRETRAIN, "--device cuda:0", "--device cuda:0"),
     ("bench.py", "--loader --batch-size 40000", "--loader needs at least 2 batches of 40000 images"),
     ("bench.py", "--steps 0", "argument --steps: needs a whole number >= 1"),
@@ -688,25 +736,43 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
 ]
 
 
+def refuse(script, arguments, tmp, in_process, monkeypatch=None, capsys=None):
+    """(exit code, stderr) of one bad command, run through the script's main() here or as its own process."""
+    args, env = arguments.split(), {}
+    if "--env-world" in args:  # what torchrun would set for 2 processes; refused before any process group starts
+        args = args[:args.index("--env-world")]
+        env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    if not in_process:
+        result = run(script, *args, check=False, env=env)
+        return result.returncode, result.stderr
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    main = {PRETRAIN: pretrain.main, PROBE: probe.main, RANK: rank.main, "bench.py": bench.main}[script]
+    with pytest.raises(SystemExit) as stop:  # any other exception fails the test: no traceback reaches a user
+        main(args)
+    return stop.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script,arguments,needle", BAD_INPUTS, ids=[f"{s}:{a}" for s, a, _ in BAD_INPUTS])
-def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run):
+def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, monkeypatch, capsys):
     if "cuda" in arguments and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     tmp = finished_run
     os.makedirs(tmp / "empty" / "train", exist_ok=True)
     (tmp / "notes.txt").write_text("not a checkpoint")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")
-    args, env = fill(arguments).split(), {}
-    if "--env-world" in args:  # what torchrun would set for 2 processes; refused before any process group starts
-        args = args[:args.index("--env-world")]
-        env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
     before = snapshot(tmp)
-    result = run(script, *args, check=False, env=env)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    code, err = refuse(script, fill(arguments), tmp, True, monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert fill(needle) in lines[0]
     assert snapshot(tmp) == before
+
+
+@pytest.mark.parametrize("script,arguments,needle", [BAD_INPUTS[0], BAD_INPUTS[-1]])
+def test_bad_input_through_the_real_command_line(script, arguments, needle, finished_run):
+    code, err = refuse(script, arguments.format(tmp=finished_run, run=finished_run / "run"), finished_run, False)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and needle in err, err
 
 
 
@@ -988,11 +1054,11 @@ def test_public_weights_path(tmp_path):
     state = timm_layout(source)  # a ViT state_dict as mae_pretrain_vit_base.pth holds it
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": state}, path)
-    out = run(PROBE, path, "--data", "shapes", "--n-train", 100, "--n-test", 50, "--epochs", 2, "--layers", 12).stdout
+    out = run(PROBE, path, "--data", data.EMBEDDED, "--n-train", 100, "--n-test", 50, "--epochs", 2, "--layers", 12).stdout
     assert "schedule none" in out
     result = run(PROBE, path, check=False)
     assert result.returncode == 2 and "--data" in result.stderr
-    run(RANK, path, "--data", "shapes", "--n", 32, "--n-tokens", 4)
+    run(RANK, path, "--data", data.EMBEDDED, "--n", 32, "--n-tokens", 4)
 
 
 # ----------------------------------------------------------------------------- benchmark

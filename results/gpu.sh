@@ -66,7 +66,7 @@ rm -rf "$OUT/jpegs"
 
 fi
 
-[ "$STAGE" = bench ] || $PY -c "import data; data.make_shapes('train'); data.make_shapes('test')"  # the embedded data, cached once
+[ "$STAGE" = bench ] || $PY -c "import data; data.make_glyphs('train'); data.make_glyphs('test')"  # the embedded data, cached once
 
 if [ "$STAGE" = all ] || [ "$STAGE" = default ]; then
 stamp "the default command, on this machine's default device"

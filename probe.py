@@ -296,7 +296,8 @@ def build_parser():
     a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints: one table of differences, one plot")
     a("--layers", default="all", help="blocks to probe, 1-based, e.g. 1,6,12 (default: all)")
     a("--n-train", type=non_negative_int, default=3000,
-      help="seeded sample of the train split, 0 = all (default %(default)s: under 2 minutes on 2 CPU cores)")
+      help="seeded sample of the train split, 0 = all but the validation sample (default %(default)s: under 2 "
+           "minutes on 2 CPU cores)")
     a("--n-val", type=non_negative_int, default=1000, help="seeded sample of the train split, disjoint from the "
       "probe's, that picks the best block; 0 = no validation (default %(default)s)")
     a("--n-test", type=non_negative_int, default=1500, help="seeded sample of the test split, 0 = all (default %(default)s)")

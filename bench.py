@@ -11,7 +11,7 @@ import time
 import torch
 
 import data
-from common import Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device, positive_int, real, whole
+from common import WORKERS, Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device, positive_int, real
 from model import MAE, PRESETS, SCHEDULES
 from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
 
@@ -33,7 +33,7 @@ def build_parser():
     a("--loader", action="store_true", help="time the data loader alone (decode + augmentation + mask noise)")
     a("--data", default=data.EMBEDDED, help=f"with --loader: {data.EMBEDDED} (default), a dataset name or an ImageFolder root")
     a("--data-root", default="./data", help="where torchvision datasets live (default: ./data)")
-    a("--workers", type=whole(0, 256), help="with --loader: loader processes (default: 8 on CUDA, else 0)")
+    a("--workers", type=WORKERS, help="with --loader: loader processes (default: 8 on CUDA, else 0)")
     return p
 
 
@@ -62,7 +62,7 @@ def seconds_per_step(model, device, imgs, steps, warmup):
     """Full training steps (the recipe's own AdamW) on one batch already on the device; syncs only around the timing."""
     optimizer, scaler = optimizer_and_scaler(model, 0.05, device)
     for group in optimizer.param_groups:
-        group["lr"] = 1e-4
+        group["lr"] = 1e-4 * group.get("lr_scale", 1.0)  # --decay-as-lr: its per-tensor multipliers
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)

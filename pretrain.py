@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from common import (SEED, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint, lr_at, non_negative,
-                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, save_atomic, whole)
+from common import (SEED, WORKERS, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint, lr_at, non_negative,
+                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, save_atomic)
 from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -156,7 +156,7 @@ def build_parser():
     a("--device", help="auto (cuda, then mps, then cpu), or a torch device name")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
     a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
-    a("--workers", type=whole(0, 256), help="data loader processes (default: 0 on CPU, 8 on GPU)")
+    a("--workers", type=WORKERS, help="data loader processes (default: 0 on CPU, 8 on GPU)")
     a("--log-every", type=positive_int, help="optimizer steps between log lines (default: 20)")
     a("--save-every", type=non_negative_int, help="also checkpoint every N steps (default: 0, i.e. each epoch and at the end)")
     a("--keep-every", type=non_negative_int, help="also keep ckpt_epochNNN.pt every N epochs, to probe the run's trajectory (default: 0, none)")

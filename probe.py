@@ -22,7 +22,7 @@ from einops import rearrange
 
 import data
 from model import MAE
-from common import Parser, autocast, fail, load_checkpoint, lr_at, non_negative_int, pick_device, positive, positive_int, whole
+from common import WORKERS, Parser, autocast, fail, load_checkpoint, lr_at, non_negative_int, pick_device, positive, positive_int
 
 # Reference: SPEC section 5. MAE protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -44,7 +44,7 @@ def add_common_args(parser):
     a("--data-root", help="where torchvision datasets live (default: the checkpoint's, else ./data)")
     a("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     a("--batch-size", type=positive_int, default=256, help="images per forward pass (default %(default)s)")
-    a("--workers", type=whole(0, 256), help="loader processes (default: 8 on cuda, else 0)")
+    a("--workers", type=WORKERS, help="loader processes (default: 8 on cuda, else 0)")
 
 
 def load_model(path):

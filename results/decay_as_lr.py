@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study import machine, sh  # noqa: E402
 
+from probe import pyplot  # noqa: E402
+
 FORMS = {"decayed": ["--alpha-schedule", "linear"], "decay as lr": ["--alpha-schedule", "linear", "--decay-as-lr"],
          "residual": ["--alpha-schedule", "none"]}
 
@@ -48,12 +50,8 @@ def main():
     with open(os.path.join(args.out, "overlay.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=1))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("plot skipped: matplotlib is not installed")
+    if (plt := pyplot()) is None:
+        return
     for (form, curve), style in zip(curves.items(), ("-", "--", ":")):
         plt.plot(*zip(*curve), style, label=f"{form}: {' '.join(FORMS[form])}", linewidth=2)
     plt.gca().set(xlabel="optimizer step", ylabel="training loss (masked patches)",

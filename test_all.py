@@ -1075,22 +1075,34 @@ def test_bench_smoke():
 
 # ----------------------------------------------------------------------------- the study's summary
 
-def test_study_summarises_finished_runs_by_hand(tmp_path):
-    """Two fake finished runs of one arm, two blocks each; a third seed never finished and is left out."""
-    fake = {0: ([12.0, 10.0], [9.0, 11.0], [6.0, 3.0]), 1: ([14.0, 20.0], [13.0, 15.0], [8.0, 5.0])}
-    for seed, (lp, knn, ranks) in fake.items():
-        folder = tmp_path / "runs" / f"none-s{seed}"
+def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):
+    """Fake finished runs of one arm, two blocks each. Seed 0 sweeps three blrs: 5e-05 and 5e-04 tie on validation
+    (the lower wins) and 1.5e-04 has the best test accuracy but a worse validation score (test never chooses).
+    Seed 1 ran at the chosen blr; seed 2 never finished and is left out."""
+    fake = {  # (blr, seed): (LP per block, k-NN per block, ranks per block, validation LP, test LP at the picked block, loss)
+        ("5e-05", 0): ([12.0, 10.0], [9.0, 11.0], [6.0, 3.0], 60.0, 12.0, 0.9),
+        ("1.5e-04", 0): ([90.0, 95.0], [90.0, 95.0], [6.0, 3.0], 50.0, 95.0, 0.5),
+        ("5e-04", 0): ([12.0, 10.0], [9.0, 11.0], [6.0, 3.0], 60.0, 12.0, 0.9),
+        ("5e-05", 1): ([14.0, 20.0], [13.0, 15.0], [8.0, 5.0], 70.0, 14.0, 0.7),
+    }
+    for (blr, seed), (lp, knn, ranks, val, test, loss) in fake.items():
+        folder = tmp_path / "runs" / f"none-blr{blr}-s{seed}"
         folder.mkdir(parents=True)
-        (folder / "probe.json").write_text(json.dumps({"headline": {"pooling": "mean"},
+        head = {"pooling": "mean", "best_linear_probe": {"layer": 1, "val": val, "test": test}}
+        (folder / "probe.json").write_text(json.dumps({"headline": head,
                                                        "layers": [{"lp_mean": a, "knn_mean": k} for a, k in zip(lp, knn)]}))
         (folder / "rank.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": r} for r in ranks]}]}))
-    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, 1, 2, "--arms", "none")
+        (folder / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": loss}) + "\n")
+    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, 1, 2, "--arms", "none",
+        "--blrs", "5e-5", "1.5e-4", "5e-4")
     table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
-    assert table["seeds"] == 2
+    assert table["blr"] == 5e-5 and table["seeds"] == 2
+    assert table["sweep"] == {"5e-05": 60.0, "1.5e-04": 50.0, "5e-04": 60.0}
     assert table["lp_last"] == [15.0, 5.0]       # mean of 10 and 20, population std 5
-    assert table["lp_best"] == [16.0, 4.0]       # best blocks 12 and 20
-    assert table["knn_best"] == [13.0, 2.0]      # 11 and 15
+    assert table["lp_best"] == [13.0, 1.0]       # the validation-picked blocks' test accuracy: 12 and 14
+    assert table["knn_last"] == [13.0, 2.0]      # 11 and 15
     assert table["erank_last"] == [4.0, 1.0]     # 3 and 5
+    assert table["loss"] == pytest.approx([0.8, 0.1])  # the last logged loss of each run
 
 
 def test_curve_probes_each_kept_checkpoint(tmp_path):

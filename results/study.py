@@ -1,17 +1,22 @@
-"""The paper's comparison, small: shortcut schedules on the embedded data, same compute per arm, several seeds.
+"""The glyphs study (issue 13): seven arms, each at its own learning rate, three seeds. Protocol (written before
+any run) and results: results/README.md, "The study on glyphs".
 
-    python results/study.py                       # the whole study (see README for its time and machine)
-    python results/study.py --seeds 0 --epochs 1 --arms none linear-0.6      # a quick look
+    python results/study.py                    # all of it: about 4 hours on 2 CPU cores, two one-thread runs at a time
+    python results/study.py --collect          # run nothing; summarise the runs that finished
+    python results/study.py --arms none linear-0.6 --blrs 1.5e-3 --seeds 0 --epochs 1    # a quick look
 
-Each arm is pretrain.py, then probe.py and rank.py on its checkpoint, all through their command lines. Runs go to
-<out>/runs/<arm>-s<seed>/ (checkpoints are not committed); the summary (study.json, study.md) and the figures go
-to <out> (default: results/). An arm whose outputs exist is not rerun. Runs go seed by seed, so a study cut short
-still holds whole seeds.
+1. Sweep: every arm at every --blrs value, first seed.
+2. Choice: each arm keeps the blr whose run has the highest *validation* linear-probe accuracy at its
+   validation-picked block (probe.json: headline.best_linear_probe.val); ties go to the lower blr. The same rule
+   across linear-0.8/0.7/0.6 names the best linear arm, whose alpha_min the *-best arms take; they are swept next.
+3. Seeds: the other --seeds at each arm's chosen blr.
+Each run is pretrain.py, probe.py and rank.py through their command lines, in <out>/runs/<arm>-blr<blr>-s<seed>/
+with their logs; a run whose rank.json exists is not rerun. The summary (study.json, study.md) and the figure
+(study.png) go to <out>.
 """
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -21,17 +26,23 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from common import SEED, positive, positive_int  # noqa: E402
 
-ARMS = {  # name: pretrain.py flags
+ARMS = {  # name: pretrain.py flags; "best" stands for the best linear arm's alpha_min
     "none": ["--alpha-schedule", "none"],
     "linear-0.8": ["--alpha-schedule", "linear", "--alpha-min", "0.8"],
     "linear-0.7": ["--alpha-schedule", "linear", "--alpha-min", "0.7"],
     "linear-0.6": ["--alpha-schedule", "linear", "--alpha-min", "0.6"],
-    "cosine-best": ["--alpha-schedule", "cosine"],  # alpha_min: the best linear arm's
-    "exp-best": ["--alpha-schedule", "exp"],
+    "linear-best-decay-as-lr": ["--alpha-schedule", "linear", "--decay-as-lr"],
     "none-noskips": ["--alpha-schedule", "none", "--no-decoder-skips"],
     "linear-best-noskips": ["--alpha-schedule", "linear", "--no-decoder-skips"],
 }
+BLRS = [5e-5, 1.5e-4, 5e-4, 1.5e-3]
+METRICS = ("lp_last", "lp_best", "knn_last", "knn_best", "erank_last", "loss")
+
+
+def blr_tag(blr):
+    return f"{blr:.1e}".replace(".0e", "e")  # 5e-05, 1.5e-04: the folder names
 
 
 def machine():
@@ -41,33 +52,14 @@ def machine():
     return f"{os.cpu_count()} CPU cores"
 
 
-def sh(*args, timeout=None):
+def sh(*args, timeout=None, log=None):
     start = time.time()
-    with open(os.devnull, "w") as quiet:  # each run keeps its own log.jsonl, probe.json and rank.json
+    with open(log or os.devnull, "w") as sink:
         try:
-            subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=quiet, timeout=timeout,
-                           env={"OMP_NUM_THREADS": "1", **os.environ})
+            subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=sink, stderr=sink if log else None,
+                           timeout=timeout, env={"OMP_NUM_THREADS": "1", **os.environ})
         finally:
             print(f"$ {' '.join(map(str, args))}   [{time.time() - start:.0f} s]", flush=True)
-
-
-def run_arm(name, flags, seed, epochs, out, extra):
-    ckpt = os.path.join(out, "ckpt.pt")
-    if not os.path.exists(os.path.join(out, "rank.json")):
-        if extra["collect"]:
-            return None
-        try:
-            sh("pretrain.py", *flags, "--seed", seed, "--epochs", epochs, "--out-dir", out, "--log-every", 100,
-               *extra["pretrain"])
-            sh("probe.py", ckpt, *extra["probe"])
-            sh("rank.py", ckpt, *extra["rank"])
-        except subprocess.CalledProcessError as error:  # one failed run leaves the others standing
-            print(f"failed: {name} seed {seed} (exit {error.returncode}); left out of the table", flush=True)
-            return None
-    probe = probe_summary(os.path.join(out, "probe.json"))
-    ranks = json.load(open(os.path.join(out, "rank.json")))["checkpoints"][0]["layers"]
-    pool = probe.pop("pooling")
-    return dict(arm=name, seed=seed, **probe, erank_last=ranks[-1][pool], erank_by_layer=[r[pool] for r in ranks])
 
 
 def probe_summary(path):
@@ -77,63 +69,114 @@ def probe_summary(path):
     lp, knn = [r["lp_" + pool] for r in probe["layers"]], [r["knn_" + pool] for r in probe["layers"]]
     best = lambda key, values: head[key]["test"] if key in head else max(values)  # on validation, where probe.py had it
     return dict(lp_last=lp[-1], lp_best=best("best_linear_probe", lp), knn_last=knn[-1], knn_best=best("best_knn", knn),
-                lp_by_layer=lp, knn_by_layer=knn, pooling=pool)
+                lp_by_layer=lp, knn_by_layer=knn, pooling=pool, val=head.get("best_linear_probe", {}).get("val"))
 
 
-def best_linear_alpha_min(rows):
-    linear = [r for r in rows if r["arm"].startswith("linear-0")]
-    means = {a: statistics.mean(r["lp_last"] for r in linear if r["arm"] == a) for a in {r["arm"] for r in linear}}
-    return max(means, key=means.get).split("-")[1] if means else "0.6"
+def read_run(out):
+    probe = probe_summary(os.path.join(out, "probe.json"))
+    pool = probe.pop("pooling")
+    ranks = [layer[pool] for layer in json.load(open(os.path.join(out, "rank.json")))["checkpoints"][0]["layers"]]
+    with open(os.path.join(out, "log.jsonl")) as f:
+        loss = [json.loads(line)["loss"] for line in f if '"loss"' in line][-1]
+    return dict(probe, erank_last=ranks[-1], erank_by_layer=ranks, loss=loss)
 
 
-def summarise(rows):
+def run(arm, flags, blr, seed, args):
+    out = os.path.join(args.out, "runs", f"{arm}-blr{blr_tag(blr)}-s{seed}")
+    if not os.path.exists(os.path.join(out, "rank.json")):
+        if args.collect:
+            return None
+        os.makedirs(out, exist_ok=True)
+        ckpt = os.path.join(out, "ckpt.pt")
+        try:
+            sh("pretrain.py", *flags, "--blr", blr, "--seed", seed, "--epochs", args.epochs, "--out-dir", out,
+               "--log-every", 100, *args.pretrain_args.split(), log=os.path.join(out, "pretrain.log"))
+            sh("probe.py", ckpt, *args.probe_args.split(), log=os.path.join(out, "probe.log"))
+            sh("rank.py", ckpt, *args.rank_args.split(), log=os.path.join(out, "rank.log"))
+        except subprocess.CalledProcessError as error:  # one failed run leaves the others standing
+            print(f"failed: {out} (exit {error.returncode}); see its logs", flush=True)
+            return None
+    return dict(arm=arm, blr=blr, seed=seed, **read_run(out))
+
+
+def chosen_blr(rows, arm, seed):
+    """The protocol's rule: highest validation LP at the validation-picked block; ties go to the lower blr."""
+    swept = [r for r in rows if r["arm"] == arm and r["seed"] == seed and r["val"] is not None]
+    return max(swept, key=lambda r: (r["val"], -r["blr"]))["blr"] if swept else None
+
+
+def best_linear(rows, seed):
+    scores = {arm: max(r["val"] for r in rows if r["arm"] == arm and r["blr"] == chosen_blr(rows, arm, seed) and r["seed"] == seed)
+              for arm in ("linear-0.8", "linear-0.7", "linear-0.6") if chosen_blr(rows, arm, seed) is not None}
+    return max(scores, key=scores.get).split("-")[1] if scores else None  # ties: the milder decay, listed first
+
+
+def summarise(rows, arms, seed):
     table = {}
-    for arm in dict.fromkeys(r["arm"] for r in rows):
-        mine = [r for r in rows if r["arm"] == arm]
-        table[arm] = {k: (statistics.mean(r[k] for r in mine), statistics.pstdev(r[k] for r in mine))
-                      for k in ("lp_last", "lp_best", "knn_last", "knn_best", "erank_last")}
-        table[arm]["seeds"] = len(mine)
+    for arm in arms:
+        blr = chosen_blr(rows, arm, seed)
+        mine = [r for r in rows if r["arm"] == arm and r["blr"] == blr]
+        if not mine:
+            continue
+        table[arm] = {k: [statistics.mean(r[k] for r in mine), statistics.pstdev(r[k] for r in mine)] for k in METRICS}
+        table[arm].update(seeds=len(mine), blr=blr, sweep={blr_tag(r["blr"]): r["val"] for r in rows
+                                                           if r["arm"] == arm and r["seed"] == seed})
     return table
 
 
-def markdown(table, alpha_min):
-    lines = ["| arm | seeds | LP last | LP best | k-NN last | k-NN best | eff. rank last |", "|---|---|---|---|---|---|---|"]
+def verdict(table, a, b, key):
+    """a minus b in key, called a difference only beyond twice the larger seed spread (the protocol's reading)."""
+    (mean_a, std_a), (mean_b, std_b) = table[a][key], table[b][key]
+    if min(table[a]["seeds"], table[b]["seeds"]) < 2:
+        return f"{mean_a - mean_b:+.1f} (one seed: no spread yet)"
+    called = abs(mean_a - mean_b) > 2 * max(std_a, std_b)
+    return f"{mean_a - mean_b:+.1f} ({'a difference' if called else 'within seed spread'})"
+
+
+def markdown(table, pairs):
+    blrs = sorted({tag for row in table.values() for tag in row["sweep"]}, key=float)
+    lines = ["Sweep (seed 0): validation LP at the validation-picked block; the chosen blr in bold.", "",
+             "| arm | " + " | ".join(f"blr {t}" for t in blrs) + " |", "|---" * (len(blrs) + 1) + "|"]
     for arm, row in table.items():
-        cells = [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" for k in ("lp_last", "lp_best", "knn_last", "knn_best", "erank_last")]
-        lines.append(f"| {arm.replace('best', alpha_min)} | {row['seeds']} | " + " | ".join(cells) + " |")
+        cells = [row["sweep"].get(t) for t in blrs]
+        lines.append(f"| {arm} | " + " | ".join("" if v is None else f"**{v:.1f}**" if t == blr_tag(row["blr"]) else f"{v:.1f}"
+                                                 for t, v in zip(blrs, cells)) + " |")
+    lines += ["", "Seeds at the chosen blr: mean ± population std over seeds; test split; best = block picked on validation.", "",
+              "| arm | blr | seeds | LP last | LP best | k-NN last | k-NN best | eff. rank last | final loss |", "|---" * 9 + "|"]
+    for arm, row in table.items():
+        cells = [f"{row[k][0]:.{3 if k == 'loss' else 1}f} ± {row[k][1]:.{3 if k == 'loss' else 1}f}" for k in METRICS]
+        lines.append(f"| {arm} | {blr_tag(row['blr'])} | {row['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", "Differences (first minus second):", ""]
+    for a, b in pairs:
+        if a in table and b in table:
+            lines.append(f"- {a} vs {b}: LP best {verdict(table, a, b, 'lp_best')}, LP last {verdict(table, a, b, 'lp_last')}, "
+                         f"k-NN best {verdict(table, a, b, 'knn_best')}, eff. rank {verdict(table, a, b, 'erank_last')}")
     return "\n".join(lines)
 
 
-def figures(rows, alpha_min, out):
+def figure(rows, table, out):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: figures skipped (pip install matplotlib)")
+        print("matplotlib not installed: figure skipped (pip install matplotlib)")
         return
-    from model import encoder_alphas
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for arm, colour in (("none", "tab:gray"), (f"linear-{alpha_min}", "tab:red")):
-        mine = [r for r in rows if r["arm"] == arm]
-        for key, ax, label in (("lp_by_layer", axes[0], "accuracy % (solid: linear probe, dashed: k-NN)"), ("knn_by_layer", axes[0], None),
-                               ("erank_by_layer", axes[1], "effective rank")):
-            if not mine:
-                continue
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for arm, row in table.items():
+        mine = [r for r in rows if r["arm"] == arm and r["blr"] == row["blr"]]
+        style = dict(ls="--" if "noskips" in arm else ":" if "decay-as-lr" in arm else "-", marker=".",
+                     label=f"{arm} (blr {blr_tag(row['blr'])}, {len(mine)} seeds)")
+        for ax, key in zip(axes, ("lp_by_layer", "knn_by_layer", "erank_by_layer")):
             mean = [statistics.mean(v) for v in zip(*(r[key] for r in mine))]
-            style = "--" if key == "knn_by_layer" else "-"
-            ax.plot(range(1, len(mean) + 1), mean, style, color=colour,
-                    label=f"{arm} {'k-NN' if key == 'knn_by_layer' else ''}".strip())
-            ax.set_xlabel("encoder block")
-            if label:
-                ax.set_ylabel(label)
-    for ax in axes[:2]:
-        ax.legend()
-    for schedule in ("linear", "cosine", "exp", "step", "none"):
-        axes[2].plot(encoder_alphas(12, schedule, float(alpha_min)), marker=".", label=schedule)
-    axes[2].set_xlabel("encoder sub-layer k (attention, MLP, ...)")
-    axes[2].set_ylabel("alpha_k")
-    axes[2].legend()
+            ax.plot(range(1, len(mean) + 1), mean, **style)
+        swept = sorted((float(t), v) for t, v in row["sweep"].items() if v is not None)
+        axes[3].plot(*zip(*swept), **style)
+    titles = ("linear probe, test (%)", "k-NN, test (%)", "effective rank")
+    for ax, title in zip(axes, titles):
+        ax.set(title=title + ", seed mean", xlabel="encoder block")
+    axes[3].set(title="sweep: validation LP at the picked block (%)", xlabel="blr", xscale="log")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "study.png"), dpi=110)
     print("figure:", os.path.join(out, "study.png"))
@@ -141,46 +184,46 @@ def figures(rows, alpha_min, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=2, help="pretraining epochs per run (default: pretrain.py's CPU default)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--jobs", type=int, default=os.cpu_count(),
+    p.add_argument("--blrs", type=positive, nargs="+", default=BLRS, help="the sweep (default: %(default)s)")
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="the first one is the sweep's")
+    p.add_argument("--epochs", type=positive_int, default=2, help="pretraining epochs per run (default: pretrain.py's CPU default)")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count(),
                    help="runs at once, one thread each unless OMP_NUM_THREADS says otherwise (2 one-thread runs "
                         "beat one two-thread run on 2 cores)")
-    p.add_argument("--out", default=HERE, help="folder for runs/, the summary and the figures (default: results/)")
+    p.add_argument("--out", default=os.path.join(HERE, "study_glyphs"), help="folder for runs/ and the summary")
     p.add_argument("--collect", action="store_true", help="run nothing: summarise the runs that finished")
     for stage in ("pretrain", "probe", "rank"):
         p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string")
     args = p.parse_args()
-    extra = {stage: getattr(args, f"{stage}_args").split() for stage in ("pretrain", "probe", "rank")}
-    extra["collect"] = args.collect
     os.makedirs(args.out, exist_ok=True)
-    start, rows = time.time(), []
-    for phase in ("first", "second"):  # cosine / exp take the best linear alpha_min, known after the first phase
-        alpha_min, jobs = best_linear_alpha_min(rows), []
-        for name in args.arms:
-            if ("best" in name) != (phase == "second"):
-                continue
-            flags = ARMS[name] + (["--alpha-min", alpha_min] if "best" in name else [])
-            jobs += [(name, flags, seed, args.epochs, os.path.join(args.out, "runs", f"{name}-s{seed}"), extra)
-                     for seed in args.seeds]
-        jobs.sort(key=lambda job: args.seeds.index(job[2]))  # seed by seed
+    start, rows, first = time.time(), [], args.seeds[0]
+
+    def go(jobs):
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows += [row for row in pool.map(lambda job: run_arm(*job), jobs) if row]
-    alpha_min = best_linear_alpha_min(rows)
-    table = summarise(rows)
-    text = markdown(table, alpha_min)
+            rows.extend(row for row in pool.map(lambda job: run(*job, args), jobs) if row)
+
+    flags = {arm: ARMS[arm] for arm in args.arms if "best" not in arm}
+    go([(arm, flags[arm], blr, first) for arm in flags for blr in args.blrs])
+    alpha_min = best_linear(rows, first)
+    later = {arm.replace("best", alpha_min): ARMS[arm] + ["--alpha-min", alpha_min]
+             for arm in args.arms if "best" in arm and alpha_min}
+    go([(arm, later[arm], blr, first) for arm in later for blr in args.blrs])
+    flags.update(later)
+    go([(arm, flags[arm], chosen_blr(rows, arm, first), seed) for seed in args.seeds[1:] for arm in flags
+        if chosen_blr(rows, arm, first) is not None])
+    table = summarise(rows, flags, first)
+    best = f"linear-{alpha_min}"
+    pairs = [(arm, "none") for arm in table if arm != "none"] + [
+        (f"{best}-decay-as-lr", best), (f"{best}-noskips", "none-noskips"), (f"{best}-noskips", best)]
+    text = markdown(table, pairs)
     print(text)
     minutes = (time.time() - start) / 60
-    json.dump({"rows": rows, "table": table, "best_alpha_min": alpha_min, "epochs": args.epochs, "seeds": args.seeds,
-               "minutes": None if args.collect else round(minutes, 1), "machine": machine(), "command": " ".join(sys.argv)},
-              open(os.path.join(args.out, "study.json"), "w"), indent=1)
-    open(os.path.join(args.out, "study.md"), "w").write(text + ("" if args.collect else f"\n\n{minutes:.0f} minutes, {machine()}\n"))
-    figures(rows, alpha_min, args.out)
-    first = os.path.join(args.out, "runs", f"linear-{alpha_min}-s{args.seeds[0]}")
-    grids = sorted(f for f in os.listdir(first) if f.startswith("recon")) if os.path.isdir(first) else []
-    if grids:
-        shutil.copy(os.path.join(first, grids[-1]), os.path.join(args.out, "recon_linear.png"))
+    json.dump({"table": table, "best_linear_alpha_min": alpha_min, "rows": rows, "epochs": args.epochs,
+               "seeds": args.seeds, "minutes": None if args.collect else round(minutes, 1), "machine": machine(),
+               "command": " ".join(sys.argv)}, open(os.path.join(args.out, "study.json"), "w"), indent=1)
+    open(os.path.join(args.out, "study.md"), "w").write(text + "\n")
+    figure(rows, table, args.out)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""What more than one script needs: one-line errors, typed flags, the device and autocast, checkpoint files,
-the warm-up + cosine learning-rate schedule, and the FLOP count behind MFU. Imports no stage, so evaluation
+"""What more than one script needs: one-line errors, typed flags, the device and autocast, checkpoint files and
+random states, the warm-up + cosine learning-rate schedule, the FLOP count behind MFU, JSON and plot output. Imports no stage, so evaluation
 never loads the training script."""
 import argparse
 import contextlib
+import json
 import math
 import os
+import random
 import sys
 
+import numpy as np
 import torch
 
 
@@ -87,6 +90,17 @@ def autocast(device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+@contextlib.contextmanager
+def one_thread(device):
+    """For many tiny ops on a CPU, where thread hand-offs cost more than they save (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if torch.device(device).type == "cpu" else threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---- checkpoints, schedules, FLOPs
 
 def save_atomic(obj, path):
@@ -116,6 +130,20 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict):
         fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
+
+
+def rng_states():
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
@@ -158,3 +186,29 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ---- output
+
+def beside(checkpoint, filename):
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), filename)
+
+
+def save_json(path, report):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"results -> {path}")
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot, or None after a one-line note: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return None

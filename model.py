@@ -185,11 +185,11 @@ class SkipFuse(nn.Module):
 
     def reset_fc1(self):
         """Xavier-uniform over the concatenated input, as the single Linear of the authors' code."""
-        joint = torch.empty(self.fc1_dec.out_features, self.fc1_dec.in_features + self.fc1_enc.in_features)
-        nn.init.xavier_uniform_(joint)
+        dec, enc = self.fc1_dec.in_features, self.fc1_enc.in_features
+        joint = nn.init.xavier_uniform_(torch.empty(self.fc1_dec.out_features, dec + enc))
         with torch.no_grad():
-            self.fc1_dec.weight.copy_(joint[:, :self.fc1_dec.in_features])
-            self.fc1_enc.weight.copy_(joint[:, self.fc1_dec.in_features:])
+            self.fc1_dec.weight.copy_(joint[:, :dec])
+            self.fc1_enc.weight.copy_(joint[:, dec:])
 
     def forward(self, x, feature, ids_restore):
         full = unshuffle(feature, self.mask_token, ids_restore)

@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from common import (SEED, WORKERS, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint, lr_at, non_negative,
-                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, save_atomic)
+                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, rng_states, save_atomic,
+                    set_rng_states)
 from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -80,21 +81,7 @@ def epoch_order(n_items, seed, epoch, start, batch, accum, rank, world):
     return per_batch.flatten().tolist()
 
 
-# ----------------------------------------------------------------------------- checkpoints and pictures
-
-def rng_states():
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
+# ----------------------------------------------------------------------------- pictures
 
 @torch.no_grad()
 def reconstruction_grid(model, imgs, noise, mean_std, path):
@@ -249,12 +236,6 @@ def prepare_out_dir(path):
         fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")
 
 
-def log_line(step, total, epoch, epochs, loss, lr, img_s, mfu, eta_s):
-    mfu_text = f" | mfu {mfu:5.1%}" if mfu is not None else ""
-    print(f"epoch {epoch + 1}/{epochs} step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
-          f"{img_s:7.1f} img/s{mfu_text} | eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}", flush=True)
-
-
 def main(argv=None):
     args, given = parse_args(argv)
     ckpt = resolve_resume(args, given)
@@ -268,9 +249,6 @@ def main(argv=None):
         prepare_out_dir(args.out_dir)
         print(f"model {args.model}: {cfg.depth} blocks x {cfg.width} wide, {cfg.img_size} px, patch {cfg.patch_size}; "
               f"data {args.data}; device {device}; {world} process(es)")
-        if args.model == CPU_PRESET:
-            print("  the paper's recipe: torchrun --nproc_per_node 8 pretrain.py --model vit_b16 "
-                  "--data /path/to/imagenet --epochs 800 --batch-size 512 --accum-steps 8  (see README)")
         a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
         print(f"  encoder shortcut weights (attn, mlp) per block, {cfg.alpha_schedule} to {cfg.alpha_min}: "
               + " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(a[::2], a[1::2])))
@@ -352,8 +330,10 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                 img_s = (step - steps_at_log) * args.batch_size * args.accum_steps / (now - t_log)
                 mean_loss = loss_sum.item() / (step - steps_at_log)
                 if master:
-                    log_line(step, total, epoch, args.epochs, mean_loss, lr, img_s,
-                             flops * img_s / (peak * world) if peak else None, (total - step) * (now - t_log) / (step - steps_at_log))
+                    mfu = f" | mfu {flops * img_s / (peak * world):5.1%}" if peak else ""
+                    eta = time.gmtime((total - step) * (now - t_log) / (step - steps_at_log))
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                          f"{img_s:7.1f} img/s{mfu} | eta {time.strftime('%H:%M:%S', eta)}", flush=True)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
                 loss_sum.zero_()

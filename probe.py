@@ -8,8 +8,6 @@ Features (cls token and mean of patch tokens after each block) are computed once
 CPU; then one head per layer and pooling is trained on them. The best block is picked on a validation sample
 of the train split (disjoint from the probe's) and reported on test. rank.py shares extract_features.
 """
-import contextlib
-import json
 import math
 import os
 import time
@@ -22,7 +20,8 @@ from einops import rearrange
 
 import data
 from model import MAE
-from common import WORKERS, Parser, autocast, fail, load_checkpoint, lr_at, non_negative_int, pick_device, positive, positive_int
+from common import (WORKERS, Parser, autocast, beside, fail, load_checkpoint, lr_at, non_negative_int, one_thread,
+                    pick_device, positive, positive_int, pyplot, save_json)
 
 # Reference: SPEC section 5. MAE protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -104,17 +103,6 @@ def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=
     return {key: torch.cat(value, dim=-2 if key in pooling else 0) for key, value in parts.items()}
 
 
-@contextlib.contextmanager
-def one_thread(device):
-    """For many tiny ops on a CPU, where thread hand-offs cost more than they save (10x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if torch.device(device).type == "cpu" else threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class ProbeHeads(nn.Module):
     """MAE's head, BatchNorm1d(affine=False, eps 1e-6) + Linear, once per feature set; input [heads, b, d].
 
@@ -169,11 +157,6 @@ def head_accuracy(heads, x, y, device="cpu"):
     return (100 * correct.float() / len(y)).tolist()
 
 
-def train_linear_probes(train_x, train_y, test_x, test_y, n_classes, recipe=PROBE, device="cpu", seed=0):
-    """Each head's test accuracy (%) after training on [heads, N, d] features."""
-    return head_accuracy(fit_linear_probes(train_x, train_y, n_classes, recipe, device, seed), test_x, test_y, device)
-
-
 @torch.no_grad()
 def knn_accuracy(train_x, train_y, test_x, test_y, k=20, t=0.07, chunk=1024, n_classes=None):
     """DINO's k-NN: cosine similarity, votes exp(sim / t); test rows in chunks to bound memory. Accuracy in %."""
@@ -222,30 +205,6 @@ def parse_layers(text, depth):
     if not 1 <= layers[0] <= layers[-1] <= depth:
         fail(f"--layers {text}: this encoder has blocks 1 to {depth}")
     return layers
-
-
-def beside(checkpoint, filename):
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), filename)
-
-
-def save_json(path, report):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"results -> {path}")
-    return path
-
-
-def pyplot():
-    """matplotlib.pyplot, or None after a one-line note: plots are optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
-        return None
 
 
 def plot_accuracy(reports, path, title):
@@ -360,8 +319,6 @@ def probe_checkpoint(path, args, out):
 def print_comparison(reports):
     first = reports[0]["layers"]
     print("\nmean pooling, test accuracy %, LP / k-NN; in brackets the difference to the first checkpoint")
-    for i, report in enumerate(reports):
-        print(f"  [{i}] {report['label']}: {report['checkpoint']}")
     print(f"{'block':>5}  " + "  ".join(f"{f'[{i}]':>25}" for i in range(len(reports))))
     for k, row in enumerate(first):
         cells = [f"{r['layers'][k]['lp_mean']:5.1f} / {r['layers'][k]['knn_mean']:5.1f}" for r in reports]
@@ -369,7 +326,7 @@ def print_comparison(reports):
                      for cell, r in zip(cells[1:], reports[1:])]
         print(f"{row['layer']:>5}  " + "  ".join(f"{cell:>25}" for cell in cells))
     for i, report in enumerate(reports):
-        print(f"  [{i}] {describe_headline(report['headline'])}")
+        print(f"  [{i}] {report['label']}: {report['checkpoint']}\n      {describe_headline(report['headline'])}")
 
 
 def main(argv=None):

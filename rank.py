@@ -14,9 +14,8 @@ import time
 import torch
 
 import data
-from common import Parser, fail, non_negative_int, pick_device
-from probe import (add_common_args, beside, data_source, extract_features, get_split, load_model,
-                   make_loader, one_thread, pyplot, save_json, schedule_label)
+from common import Parser, beside, fail, non_negative_int, one_thread, pick_device, pyplot, save_json
+from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "one image's tokens"}
 
@@ -33,18 +32,12 @@ def singular_values(matrices):
 
 
 def effective_ranks(matrices):
-    """exp(entropy of p = s / s.sum()) of each matrix [..., N, D], as a float64 tensor [...]; 0 for a zero matrix."""
+    """exp(entropy of p = s / s.sum()) of each matrix [..., N, D] (between 1 and min(N, D)), as a float64 tensor
+    [...]; 0 for a zero matrix."""
     s = singular_values(matrices)
     total = s.sum(-1, keepdim=True)
     p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
     return torch.where(total[..., 0] > 0, (-torch.special.xlogy(p, p).sum(-1)).exp(), 0.0)  # xlogy: 0 log 0 = 0
-
-
-def effective_rank(features):
-    """Effective rank of one N x D matrix: between 1 and min(N, D)."""
-    if torch.as_tensor(features).dim() != 2:
-        raise ValueError("effective_rank takes one N x D matrix; effective_ranks takes a batch")
-    return effective_ranks(features).item()
 
 
 def rank_profile(model, loader, device, n_token_images):

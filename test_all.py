@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import glyphs
 import model as M
 
 torch.set_num_threads(2)
@@ -371,13 +372,13 @@ def run(script, *args, check=True, env=None, timeout=300):
 
 
 def test_glyphs_are_deterministic_balanced_and_seeded():
-    images, labels = data._generate_glyphs("test", 0, count=500)
-    again_images, again_labels = data._generate_glyphs("test", 0, count=500)  # bypasses every cache
+    images, labels = glyphs.generate("test", 0, count=500)
+    again_images, again_labels = glyphs.generate("test", 0, count=500)  # bypasses every cache
     assert images.shape == (500, 32, 32) and images.dtype == np.uint8 and labels.dtype == np.int64
     assert np.array_equal(images, again_images) and np.array_equal(labels, again_labels)
-    assert np.bincount(labels).tolist() == [50] * len(data.GLYPHS) == [50] * data.num_classes(data.EMBEDDED)
-    assert not np.array_equal(images, data._generate_glyphs("test", 1, count=500)[0])  # the seed matters
-    assert not np.array_equal(images, data._generate_glyphs("train", 0, count=500)[0])  # the splits differ
+    assert np.bincount(labels).tolist() == [50] * len(glyphs.GLYPHS) == [50] * data.num_classes(data.EMBEDDED)
+    assert not np.array_equal(images, glyphs.generate("test", 1, count=500)[0])  # the seed matters
+    assert not np.array_equal(images, glyphs.generate("train", 0, count=500)[0])  # the splits differ
     assert images.std() > 30 and 0 < images.mean() < 255  # neither blank nor saturated
 
 
@@ -385,13 +386,13 @@ def test_glyphs_split_sizes_and_loader():
     for split, size in (("train", 50_000), ("test", 10_000)):  # generated once, then read from the disk cache
         images, labels = data.make_glyphs(split)
         assert images.shape == (size, 32, 32) and np.bincount(labels).tolist() == [size // 10] * 10
-    assert data.EMBEDDED == data.DATASETS[0] == "glyphs" and data.NATIVE_SIZE["glyphs"] == data.SIZE == 32
-    assert data.SPLIT_SIZES["train"] >= 50_000 and data.SPLIT_SIZES["test"] >= 10_000
-    assert all(size % len(data.GLYPHS) == 0 for size in data.SPLIT_SIZES.values())  # exact class balance
-    assert len(set(data.GLYPHS)) == len(data.GLYPHS) >= 10
-    images, labels = data._generate_glyphs("train", 0, count=20)
+    assert data.EMBEDDED == data.DATASETS[0] == "glyphs" and data.NATIVE_SIZE["glyphs"] == glyphs.SIZE == 32
+    assert glyphs.SPLIT_SIZES["train"] >= 50_000 and glyphs.SPLIT_SIZES["test"] >= 10_000
+    assert all(size % len(glyphs.GLYPHS) == 0 for size in glyphs.SPLIT_SIZES.values())  # exact class balance
+    assert len(set(glyphs.GLYPHS)) == len(glyphs.GLYPHS) >= 10
+    images, labels = glyphs.generate("train", 0, count=20)
     dataset = data.TensorImages(torch.from_numpy(images)[:, None], labels,
-                                data._transform("glyphs", 32, train_aug=False, native_size=32), data.GLYPHS)
+                                data._transform("glyphs", 32, train_aug=False, native_size=32), glyphs.GLYPHS)
     image, label = dataset[3]
     assert image.shape == (3, 32, 32) and label == labels[3] and torch.equal(image[0], image[2])
 
@@ -399,14 +400,14 @@ def test_glyphs_split_sizes_and_loader():
 def test_glyphs_classes_are_not_in_global_statistics():
     """A linear classifier on each image's mean and standard deviation (the only global statistics a grey image
     has; the 3 channels are copies) must stay near chance: the class is the shape, not the amount of ink."""
-    images, labels = data._generate_glyphs("train", 3, count=3000)
+    images, labels = glyphs.generate("train", 3, count=3000)
     flat = torch.from_numpy(images).flatten(1).float() / 255
     stats = torch.stack([flat.mean(1), flat.std(1)], 1)
     stats = (stats - stats.mean(0)) / stats.std(0)
     features = torch.cat([stats, stats ** 2, stats.prod(1, keepdim=True)], 1)  # quadratic: stricter than linear
     labels = torch.from_numpy(labels)
     torch.manual_seed(0)
-    head = torch.nn.Linear(features.shape[1], len(data.GLYPHS))
+    head = torch.nn.Linear(features.shape[1], len(glyphs.GLYPHS))
     opt = torch.optim.LBFGS(head.parameters(), max_iter=200)
 
     def closure():
@@ -423,9 +424,9 @@ def test_glyphs_do_not_depend_on_the_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = data._generate_glyphs("train", 0, count=200)[0]
+        one = glyphs.generate("train", 0, count=200)[0]
         torch.set_num_threads(max(2, threads))
-        many = data._generate_glyphs("train", 0, count=200)[0]
+        many = glyphs.generate("train", 0, count=200)[0]
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(one, many)
@@ -944,19 +945,19 @@ def test_rescaled_residual_model_computes_the_decayed_one_at_the_real_eps(skips)
 
 
 def test_effective_rank_hand_computed_cases():
-    assert rank.effective_rank(torch.eye(6)) == pytest.approx(6)  # all singular values equal: full rank
+    assert rank.effective_ranks(torch.eye(6)).item() == pytest.approx(6)  # all singular values equal: full rank
     u, v = torch.randn(50, 1), torch.randn(1, 30)
-    assert rank.effective_rank(u @ v) == pytest.approx(1, abs=1e-9)  # rank one
+    assert rank.effective_ranks(u @ v).item() == pytest.approx(1, abs=1e-9)  # rank one
     q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
     for k in (2, 5, 17):  # k equal singular values and the rest zero: exactly k
-        assert rank.effective_rank(q[:, :k] @ q[:k, :]) == pytest.approx(k, rel=1e-9)
+        assert rank.effective_ranks(q[:, :k] @ q[:k, :]).item() == pytest.approx(k, rel=1e-9)
     x = torch.randn(100, 20)
-    assert rank.effective_rank(x * 1000) == pytest.approx(rank.effective_rank(x), rel=1e-9)  # scale-free
+    assert rank.effective_ranks(x * 1000).item() == pytest.approx(rank.effective_ranks(x).item(), rel=1e-9)  # scale-free
     # two singular values 3 and 1: p = (3/4, 1/4), erank = exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.7548...
-    assert rank.effective_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(1.75476, abs=1e-5)
+    assert rank.effective_ranks(torch.diag(torch.tensor([3.0, 1.0]))).item() == pytest.approx(1.75476, abs=1e-5)
     s = torch.linalg.svdvals(x.double())
     p = s / s.sum()
-    assert rank.effective_rank(x) == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-9)
+    assert rank.effective_ranks(x).item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-9)
 
 
 def clusters(n_per_class, n_classes, dim, spread, seed):
@@ -1001,8 +1002,8 @@ def test_linear_probe_on_linearly_separable_features():
 
     (train_x, train_y), (test_x, test_y) = sample(3000), sample(1000)
     noise_train, noise_test = torch.randn(len(train_x), 32, generator=g), torch.randn(len(test_x), 32, generator=g)
-    accs = probe.train_linear_probes(torch.stack([train_x, noise_train]), train_y,
-                                     torch.stack([test_x, noise_test]), test_y, n_classes=4)
+    heads = probe.fit_linear_probes(torch.stack([train_x, noise_train]), train_y, n_classes=4)
+    accs = probe.head_accuracy(heads, torch.stack([test_x, noise_test]), test_y)
     assert accs[0] >= 99.0, accs
     assert accs[1] < 40, accs  # a head on noise stays near chance (25%): heads do not leak into each other
 

@@ -1,6 +1,6 @@
 """The floor and the ceiling for a probe on the embedded data: raw pixels, global statistics, a supervised CNN.
 
-    python results/baselines.py            # writes results/baselines.json; about 5 minutes on 2 CPU cores
+    python results/baselines.py            # writes results/glyphs/baselines.json; about 5 minutes on 2 CPU cores
 
 Floor: probe.py's own linear probe and k-NN (same recipe, same seeded sample sizes) on standardised raw pixels.
 Shortcut check: the same linear probe on the 6 per-image channel means and standard deviations; the classes
@@ -41,8 +41,8 @@ def floors(n_train=3000, n_test=1500):
     result = {"n_train": n_train, "n_test": n_test}
     for name, features in (("raw_pixels", lambda x: x.flatten(1)), ("channel_mean_std", channel_stats)):
         train_f, test_f = features(train_x), features(test_x)
-        result[name] = {"linear_probe": probe.train_linear_probes(train_f[None], train_y, test_f[None], test_y,
-                                                                  N_CLASSES)[0],
+        heads = probe.fit_linear_probes(train_f[None], train_y, N_CLASSES)
+        result[name] = {"linear_probe": probe.head_accuracy(heads, test_f[None], test_y)[0],
                         "knn": probe.knn_accuracy(train_f, train_y, test_f, test_y, n_classes=N_CLASSES)}
     return result
 
@@ -82,4 +82,4 @@ if __name__ == "__main__":
     result = floors() | {"supervised_cnn": ceiling()}
     result["seconds"] = round(time.time() - start)
     print(json.dumps(result, indent=1))
-    json.dump(result, open(os.path.join(HERE, "baselines.json"), "w"), indent=1)
+    json.dump(result, open(os.path.join(HERE, "glyphs", "baselines.json"), "w"), indent=1)

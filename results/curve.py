@@ -64,7 +64,7 @@ def figure(curves, out):
     except ImportError:
         print("matplotlib not installed: figure skipped (pip install matplotlib)")
         return
-    with open(os.path.join(HERE, "baselines.json")) as f:
+    with open(os.path.join(HERE, "glyphs", "baselines.json")) as f:
         floor = json.load(f)["raw_pixels"]["linear_probe"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, points in curves.items():

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU number in the README, on one card; each stage but `all` fits one 10-minute call on an H200:
 #   bash results/gpu.sh OUT_DIR [all|bench|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
-# bench: stages 1 and 3 (about 4 minutes); default: stage 2 (2 minutes); study: stage 4 (6 minutes); curve: stage 5
+# bench: stages 1 and 3 (about 4 minutes); default: stage 2 (2 minutes); study: stage 4 (42 runs: not yet timed on a GPU; the 24-run shapes study took 6 minutes); curve: stage 5
 # 1. bench.py, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
 # 2. the default command on CUDA (compile + AMP), whole, with its wall time
 # 3. bench.py --loader on an ImageFolder of JPEGs it writes, 16 workers
-# 4. the issue-5 study of the CPU preset (8 arms x 3 seeds)
+# 4. the glyphs study (results/study.py: 7 arms, a 4-value blr sweep each, 3 seeds), the CPU preset in bf16: a study
+#    of its own (OUT/study), never mixed with the fp32 CPU runs
 # 5. results/curve.py, none and linear-0.6 side by side, 12 and then 24 epochs of the GPU default recipe, each
 #    probed and ranked at 4 checkpoints (about 3 + 5 minutes: give it BUDGET_S=560)
 # Each stage has its own time limit, so one that overruns leaves the rest standing; the study gets what is left
@@ -28,7 +29,7 @@ nproc
 
 if [ "$QUICK" = 1 ]; then
   BENCH="--model vit_p4_32 --batch-size 32 --steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
-  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 cosine-best"; CURVE_EPOCHS="4"; CAP="--max-steps 3"
+  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 --blrs 1.5e-3"; CURVE_EPOCHS="4"; CAP="--max-steps 3"
   PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
 else
   BENCH="--model vit_b16 --batch-size 256 --steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
@@ -66,7 +67,7 @@ rm -rf "$OUT/jpegs"
 
 fi
 
-[ "$STAGE" = bench ] || $PY -c "import data; data.make_glyphs('train'); data.make_glyphs('test')"  # the embedded data, cached once
+[ "$STAGE" = bench ] || $PY -c "import glyphs; glyphs.make_glyphs('train'); glyphs.make_glyphs('test')"  # the embedded data, cached once
 
 if [ "$STAGE" = all ] || [ "$STAGE" = default ]; then
 stamp "the default command, on this machine's default device"
@@ -77,7 +78,7 @@ timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --l
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = study ]; then
-stamp "study: the CPU preset, 8 arms x 3 seeds, 10 runs at once"
+stamp "study: the CPU preset, 7 arms x (4 blr + 2 seeds), 10 runs at once"
 STUDY_S=$(( DEADLINE - $(date +%s) ))
 echo "study time limit: $STUDY_S s"
 timeout $STUDY_S $PY results/study.py --out "$OUT/study" --jobs 10 $STUDY \

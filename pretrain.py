@@ -109,7 +109,7 @@ def reconstruction_grid(model, imgs, noise, mean_std, path):
 # Flags that shape the run: a resumed run takes them from its checkpoint and refuses different values.
 RUN_FLAGS = dict(model=None, img_size=None, alpha_schedule="linear", alpha_min=0.6, decay_as_lr=False, decoder_skips=True, mask_ratio=0.75,
                  data=data.EMBEDDED, epochs=None, max_steps=None, batch_size=None, accum_steps=1, blr=None,
-                 weight_decay=0.05, warmup_epochs=None, seed=0)
+                 weight_decay=0.05, warmup_epochs=None, seed=0, device_data=None)
 # Flags free to change between a run and its resumption.
 RUNTIME_FLAGS = dict(out_dir="out", device="auto", compile=None, resume=None, workers=None, log_every=20,
                      save_every=0, keep_every=0, download=False, data_root="./data")
@@ -142,6 +142,8 @@ def build_parser():
     a("--out-dir", help="checkpoint, log and pictures go here (default: out)")
     a("--device", help="auto (cuda, then mps, then cpu), or a torch device name")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
+    a("--device-data", action=argparse.BooleanOptionalAction, help="keep the train set on the device and augment "
+      "whole batches there (data.DeviceBatches; default: on CUDA for the named in-memory sets, else off)")
     a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
     a("--workers", type=WORKERS, help="data loader processes (default: 0 on CPU, 8 on GPU)")
     a("--log-every", type=positive_int, help="optimizer steps between log lines (default: 20)")
@@ -179,7 +181,7 @@ def fill_defaults(args, device):
     embedded, gpu = args.data == data.EMBEDDED, device.type == "cuda"
     defaults = dict(model=CPU_PRESET if embedded else "vit_b16", epochs=CPU_EPOCHS if embedded else 800,
                     batch_size=256 if gpu else 128, blr=1.5e-3 if embedded else 1.5e-4, workers=8 if gpu else 0,
-                    compile=gpu)
+                    compile=gpu, device_data=gpu and args.data in data.DATASETS)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -203,6 +205,8 @@ def build(args, world):
     """Config, data and model from the flags; every bad input ends here with one line and exit 2."""
     if args.batch_size % world:  # the flags' own ranges were checked as they were parsed (common.py)
         fail(f"batch size {args.batch_size} must be a positive multiple of the {world} processes")
+    if args.device_data and args.data not in data.DATASETS:
+        fail(f"--device-data takes the named in-memory sets ({', '.join(data.DATASETS)}), not a folder of files")
     cfg = model_config(args)
     try:
         train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True,
@@ -284,6 +288,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     peak_lr = args.blr * args.batch_size * args.accum_steps / 256
     n_patches = (cfg.img_size // cfg.patch_size) ** 2
     items = SeededItems(train_set, args.seed, n_patches)
+    fast = data.DeviceBatches(train_set, data.MEAN_STD[args.data], cfg.img_size, device) if args.device_data else None
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     show_imgs = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))]).to(device)
     show_noise = torch.rand(len(show_imgs), n_patches, generator=torch.Generator().manual_seed(0)).to(device)
@@ -299,11 +304,16 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         items.epoch = epoch
-        order = epoch_order(len(items), args.seed, epoch, start * args.accum_steps, args.batch_size, args.accum_steps,
-                            rank, world)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=micro,
-                                             num_workers=args.workers, pin_memory=cuda)
-        for i, (imgs, noise) in enumerate(loader):
+        first = start * args.accum_steps  # micro-batches of this epoch already done
+        if fast:  # whole global batches, each sliced per rank on the device
+            order = torch.tensor(epoch_order(len(items), args.seed, epoch, first, args.batch_size, args.accum_steps, 0, 1))
+            batches = (fast.batch(index, args.seed, epoch, first + b, n_patches, rank, world)
+                       for b, index in enumerate(order.view(-1, args.batch_size)))
+        else:
+            order = epoch_order(len(items), args.seed, epoch, first, args.batch_size, args.accum_steps, rank, world)
+            batches = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=micro,
+                                                  num_workers=args.workers, pin_memory=cuda)
+        for i, (imgs, noise) in enumerate(batches):
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             last_micro = (i + 1) % args.accum_steps == 0
             sync = contextlib.nullcontext() if last_micro or world == 1 else runner.no_sync()

@@ -299,7 +299,7 @@ def probe_checkpoint(path, args, out):
         fail(str(error))
     seconds["features"] = time.time() - start - sum(seconds.values())
     evals = [feats["test"]] + ([feats["val"]] if "val" in feats else [])
-    rows = probe_layers(feats["train"], evals, layers, data.num_classes(name), recipe, device)
+    rows = probe_layers(feats["train"], evals, layers, len(splits["train"].dataset.classes), recipe, device)
     seconds["probes"] = time.time() - start - sum(seconds.values())
     print_table(rows, model.alphas)
     head = headline(rows)

@@ -6,6 +6,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 import glyphs
 import model as M
@@ -376,7 +377,7 @@ def test_glyphs_are_deterministic_balanced_and_seeded():
     again_images, again_labels = glyphs.generate("test", 0, count=500)  # bypasses every cache
     assert images.shape == (500, 32, 32) and images.dtype == np.uint8 and labels.dtype == np.int64
     assert np.array_equal(images, again_images) and np.array_equal(labels, again_labels)
-    assert np.bincount(labels).tolist() == [50] * len(glyphs.GLYPHS) == [50] * data.num_classes(data.EMBEDDED)
+    assert np.bincount(labels).tolist() == [50] * len(glyphs.GLYPHS) == [50] * len(data.get_dataset(data.EMBEDDED, "test", 32, False).classes)
     assert not np.array_equal(images, glyphs.generate("test", 1, count=500)[0])  # the seed matters
     assert not np.array_equal(images, glyphs.generate("train", 0, count=500)[0])  # the splits differ
     assert images.std() > 30 and 0 < images.mean() < 255  # neither blank nor saturated
@@ -451,7 +452,7 @@ def test_image_folder_loads_with_both_transforms(tmp_path):
     root = write_png_folder(str(tmp_path / "imgs"))
     train = data.get_dataset(root, "pretrain", 32, train_aug=True)
     test = data.get_dataset(root, "test", 32, train_aug=False)
-    assert len(train) == 12 and len(test) == 12 and data.num_classes(root) == 2
+    assert len(train) == 12 and len(test) == 12 and len(train.classes) == 2
     img, label = test[7]
     assert img.shape == (3, 32, 32) and label == 1
     # evaluation: resize to 36 then centre crop 32, normalised with ImageNet statistics, checked by hand
@@ -520,6 +521,73 @@ def test_accumulation_equals_the_large_batch_and_resumes_exactly_at_an_epoch_bou
     assert losses["accum"] == pytest.approx(losses["big"], rel=1e-6)
     assert losses["resumed"] == losses["accum"][1:]
 
+
+
+# ----------------------------------------------------------------------------- the device data path (issue 14)
+
+def test_device_crops_draw_like_random_resized_crop():
+    """20,000 boxes each from ours and from v2.RandomResizedCrop on 32 x 32: the same distribution of height,
+    width and top (total variation of the histograms; sampling noise alone gives about 0.015), area and log-ratio."""
+    top, left, h, w = data.random_resized_crops(torch.Generator().manual_seed(0), 20_000, 32, 32)
+    torch.manual_seed(0)
+    draws = [v2.RandomResizedCrop(32, scale=(0.2, 1.0)).make_params([torch.zeros(3, 32, 32)]) for _ in range(20_000)]
+    ref = {k: torch.tensor([float(d[k]) for d in draws]) for k in ("top", "left", "height", "width")}
+    tv = lambda a, b: 0.5 * (torch.bincount(a.long(), minlength=33) - torch.bincount(b.long(), minlength=33)).abs().sum() / len(a)
+    for ours, theirs in ((h, ref["height"]), (w, ref["width"]), (top, ref["top"]), (left, ref["left"])):
+        assert tv(ours, theirs) < 0.04
+    assert (h * w).mean() / 1024 == pytest.approx((ref["height"] * ref["width"]).mean() / 1024, abs=0.01)
+    assert (w / h).log().mean() == pytest.approx((ref["width"] / ref["height"]).log().mean(), abs=0.005)
+    assert (w / h).log().std() == pytest.approx((ref["width"] / ref["height"]).log().std(), abs=0.005)
+    assert ((top + h <= 32) & (left + w <= 32) & (h >= 1) & (w >= 1)).all()
+    # an image too wide for the ratio range fails all 10 tries at scale 1: torchvision's central fallback
+    top, left, h, w = data.random_resized_crops(torch.Generator().manual_seed(0), 8, 10, 40, scale=(1.0, 1.0))
+    assert (h == 10).all() and (w == 13).all() and (left == 13).all() and (top == 0).all()
+
+
+def test_device_batch_resamples_like_torchvision_and_slices_per_rank():
+    """Whole-image boxes are exact (flipped or not); inside a crop the bicubic resampling equals
+    v2.functional.resized_crop (at the crop's border ours reads the true neighbours, torchvision repeats the edge).
+    Two ranks' shares, side by side, are the one-process batch; the stream is fixed by (seed, epoch, micro)."""
+    images = (torch.rand(4, 3, 32, 32) * 255).round().to(torch.uint8)
+    for box, flipped in (((0, 0, 32, 32), False), ((0, 0, 32, 32), True), ((4, 6, 16, 20), False), ((9, 2, 23, 11), True)):
+        got = data.crop_and_flip(images, *(torch.full((4,), float(v)) for v in (*box, -1 if flipped else 1)), 32)
+        ref = v2.functional.resized_crop(images.float(), *box, [32, 32], v2.InterpolationMode.BICUBIC, antialias=False)
+        ref = (v2.functional.horizontal_flip(ref) if flipped else ref).clamp(0, 255)  # as on uint8
+        m = math.ceil(2.5 * 32 / min(box[2:])) if box[2] < 32 else 0  # output pixels whose taps reach past the box
+        inside = (..., slice(m, 32 - m), slice(m, 32 - m))
+        assert torch.allclose(got[inside], ref[inside], atol=1e-3), (box, flipped)  # in 0..255
+    fast = data.DeviceBatches(data.TensorImages(images, [0] * 4, None, ["x"]), ((0.5,) * 3, (0.25,) * 3), 32, "cpu")
+    index = torch.tensor([3, 1, 2, 0])
+    whole, noise = fast.batch(index, 7, 2, 5, 64)
+    halves = [fast.batch(index, 7, 2, 5, 64, rank, 2) for rank in (0, 1)]
+    assert torch.allclose(torch.cat([h[0] for h in halves]), whole, atol=1e-6)
+    assert torch.equal(torch.cat([h[1] for h in halves]), noise)
+    assert torch.equal(fast.batch(index, 7, 2, 5, 64)[0], whole)  # seeded: the same draws again
+    assert not torch.equal(fast.batch(index, 7, 2, 6, 64)[1], noise)  # the next micro-batch draws anew
+
+
+def test_device_data_run_resumes_bit_exact(tmp_path, monkeypatch):
+    """--device-data on the embedded set: a run stopped after its step-3 checkpoint and resumed ends with the
+    weights of the uninterrupted run, bit for bit (the draws are seeded by step, not by what ran before)."""
+    flags = ["--model", "vit_p4_32", "--max-steps", 6, "--batch-size", 16, "--save-every", 3, "--device-data",
+             "--log-every", 1]
+    pretrain_here(*flags, "--out-dir", tmp_path / "whole")
+    save = pretrain.save
+
+    def save_then_stop(*args):
+        save(*args)
+        if args[5] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_here(*flags, "--out-dir", tmp_path / "cut")
+    monkeypatch.undo()
+    pretrain_here("--resume", "--out-dir", tmp_path / "cut", "--log-every", 1)
+    whole, cut = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("whole", "cut"))
+    assert whole["step"] == cut["step"] == 6 and whole["args"]["device_data"] is True
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    assert [e["loss"] for e in read_log(tmp_path / "cut")] == [e["loss"] for e in read_log(tmp_path / "whole")]
 
 def test_weight_decay_groups():
     model = M.MAE(tiny())
@@ -810,7 +878,7 @@ FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a
         "--accum-steps": "count >= 1", "--blr": "real > 0", "--weight-decay": "real >= 0",
         "--warmup-epochs": "real >= 0", "--seed": "seed", "--out-dir": TEXT, "--device": TEXT, "--compile": SWITCH,
         "--resume": TEXT, "--workers": "workers", "--log-every": "count >= 1", "--save-every": "count >= 0",
-        "--keep-every": "count >= 0"},
+        "--keep-every": "count >= 0", "--device-data": SWITCH},
     "probe": {
         "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--device": TEXT, "--batch-size": "count >= 1",
         "--workers": "workers", "--compare": TEXT, "--layers": TEXT, "--n-train": "count >= 0",
@@ -1071,6 +1139,7 @@ def test_bench_smoke():
     assert all(field in out for field in ("ms/step", "img/s", "mfu", "peak mem"))
     out = run("bench.py", "--loader", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2).stdout
     assert f"bench loader: {data.EMBEDDED}" in out and "img/s" in out
+    assert "bench device path (--device-data) on cpu" in out
     assert set(os.listdir(HERE)) == before  # a benchmark writes nothing (no out/, no log)
 
 

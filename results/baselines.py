@@ -18,9 +18,10 @@ import torch.nn as nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
+import glyphs  # noqa: E402
 import probe  # noqa: E402
 
-N_CLASSES = data.num_classes(data.EMBEDDED)
+N_CLASSES = len(glyphs.GLYPHS)
 
 
 def pixels(split, n):

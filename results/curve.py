@@ -5,8 +5,9 @@
 Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets probe.py (probe_eNNN.json) and all of
 them one rank.py table. The summary (curve.json) and the figure (curve.png: last-block linear probe, best-block
 linear probe and last-block effective rank against epochs, with the raw-pixel floor of baselines.json) go to <out>.
---train-seconds caps each pretraining: the checkpoints kept by then are still probed. An arm whose last checkpoint
-(ckpt_epoch<EPOCHS>.pt) exists is not retrained, only probed.
+--train-seconds caps each pretraining: the checkpoints kept by then are still probed, and the next call resumes
+the run from its last checkpoint (resume is exact, so a run split over calls is one run). An arm whose last
+checkpoint (ckpt_epoch<EPOCHS>.pt) exists is not retrained, only probed.
 """
 import argparse
 import glob
@@ -26,8 +27,10 @@ def train(name, args, extra):
     out = os.path.join(args.out, "runs", name)
     if os.path.exists(os.path.join(out, f"ckpt_epoch{args.epochs:03d}.pt")):  # finished before: probe only
         return sorted(glob.glob(os.path.join(out, "ckpt_epoch*.pt")))
-    flags = ARMS[name] + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
+    flags = ARMS[name] + (["--blr", args.arm_blr[name]] if name in args.arm_blr else []) + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
                           "--log-every", 100, *extra["pretrain"]]
+    if os.path.exists(os.path.join(out, "ckpt.pt")):  # cut short before (--train-seconds): go on where it stopped
+        flags.append("--resume")
     try:
         sh("pretrain.py", *flags, timeout=args.train_seconds)
     except subprocess.TimeoutExpired:
@@ -89,6 +92,8 @@ def main():
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--every", type=int, default=4, help="keep, probe and rank a checkpoint every N epochs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arm-blr", nargs="+", default=[], metavar="ARM=BLR",
+                   help="an arm's own blr, e.g. none=1.5e-3 linear-0.6=5e-4 (the study's choice; default: pretrain.py's)")
     p.add_argument("--train-seconds", type=float, help="stop each pretraining after this long; probe what was kept")
     p.add_argument("--out", default=os.path.join(HERE, "curve"))
     for stage in ("pretrain", "probe", "rank"):
@@ -96,6 +101,10 @@ def main():
     args = p.parse_args()
     if any("best" in name for name in args.arms):
         p.error("curve.py takes arms with a fixed alpha_min (e.g. linear-0.6), not the study's *-best arms")
+    try:
+        args.arm_blr = {arm: float(blr) for arm, blr in (pair.split("=") for pair in args.arm_blr)}
+    except ValueError:
+        p.error("--arm-blr takes ARM=BLR pairs, e.g. none=1.5e-3")
     extra = {stage: getattr(args, f"{stage}_args").split() for stage in ("pretrain", "probe", "rank")}
     start = time.time()
     with ThreadPoolExecutor(len(args.arms)) as pool:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU number in the README, on one card; each stage but `all` fits one 10-minute call on an H200:
-#   bash results/gpu.sh OUT_DIR [all|bench|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
+#   bash results/gpu.sh OUT_DIR [all|bench|fast|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
 # bench: stages 1 and 3 (about 4 minutes); default: stage 2 (2 minutes); study: stage 4 (42 runs: not yet timed on a GPU; the 24-run shapes study took 6 minutes); curve: stage 5
 # 1. bench.py, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
 # 2. the default command on CUDA (compile + AMP), whole, with its wall time
@@ -9,10 +9,12 @@
 #    of its own (OUT/study), never mixed with the fp32 CPU runs
 # 5. results/curve.py, none and linear-0.6 side by side, 12 and then 24 epochs of the GPU default recipe, each
 #    probed and ranked at 4 checkpoints (about 3 + 5 minutes: give it BUDGET_S=560)
+# 6. fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed
+#    by pretrain.py's own img/s (compiled, bf16), and bench.py --loader beside them (about 3 minutes)
 # Each stage has its own time limit, so one that overruns leaves the rest standing; the study gets what is left
 # of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for summarising and packing its files.
 set -u
-OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|default|study|curve]}
+OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|fast|default|study|curve]}
 STAGE=${2:-all}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
 mkdir -p "$OUT"
@@ -69,6 +71,15 @@ fi
 
 [ "$STAGE" = bench ] || $PY -c "import glyphs; glyphs.make_glyphs('train'); glyphs.make_glyphs('test')"  # the embedded data, cached once
 
+if [ "$STAGE" = all ] || [ "$STAGE" = fast ]; then
+for PATH_FLAG in --device-data --no-device-data; do
+  stamp "fast: vit_m4_32, batch 1024, $PATH_FLAG"
+  timeout 150 $PY pretrain.py --alpha-schedule none --batch-size 1024 --epochs ${FAST_EPOCHS:-12} $PATH_FLAG \
+    --log-every 12 --out-dir "$OUT/fast$PATH_FLAG" $CAP | grep -E "img/s|done" | tail -4
+done
+timeout 60 $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
+fi
+
 if [ "$STAGE" = all ] || [ "$STAGE" = default ]; then
 stamp "the default command, on this machine's default device"
 T0=$(date +%s)
@@ -98,6 +109,6 @@ fi
 if [ "$STAGE" != bench ]; then
 stamp "pack"
 find "$OUT" -name "ckpt*.pt" -delete
-tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d default study curve* 2>/dev/null)
+tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d default study curve* fast* 2>/dev/null)
 fi
 stamp done

@@ -30,6 +30,8 @@ def build_parser():
     a("--steps", type=positive_int, default=20, help="timed steps or batches (default: 20)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile ours (default: on CUDA only)")
+    a("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="default",
+      help="torch.compile mode, a speed lever to time (max-autotune compiles for minutes)")
     a("--loader", action="store_true", help="time the data loader alone (decode + augmentation + mask noise)")
     a("--data", default=data.EMBEDDED, help=f"with --loader: {data.EMBEDDED} (default), a dataset name or an ImageFolder root")
     a("--data-root", default="./data", help="where torchvision datasets live (default: ./data)")
@@ -83,7 +85,8 @@ def bench_steps(args, cfg, device):
     print(f"bench: {name}, {args.model}, batch {args.batch_size}, mask {cfg.mask_ratio}, skips {cfg.decoder_skips}, "
           f"{flops / 1e9:.1f} GFLOPs per image per step (forward {flops / 3e9:.1f})")
     ours = MAE(cfg).to(device)
-    variants = [("ours" + (" compiled" if args.compile else " eager"), torch.compile(ours) if args.compile else ours)]
+    label = "ours " + (f"compiled ({args.compile_mode})" if args.compile else "eager")
+    variants = [(label, torch.compile(ours, mode=args.compile_mode) if args.compile else ours)]
     try:
         variants.append(("timm Block, eager", timm_reference(cfg).to(device)))
     except ImportError:
@@ -97,7 +100,7 @@ def bench_steps(args, cfg, device):
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         mfu = f"{flops * img_s / peak:6.1%}" if peak else "   n/a"
         results[label] = img_s
-        print(f"  {label:<20} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem:.2f} GiB")
+        print(f"  {label:<30} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem:.2f} GiB")
     if len(results) == 2:
         first, second = results.values()
         print(f"  ratio ours / timm reference: {first / second:.2f}x")

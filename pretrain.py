@@ -254,7 +254,8 @@ def main(argv=None):
         print(f"model {args.model}: {cfg.depth} blocks x {cfg.width} wide, {cfg.img_size} px, patch {cfg.patch_size}; "
               f"data {args.data}; device {device}; {world} process(es)")
         a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
-        print(f"  encoder shortcut weights (attn, mlp) per block, {cfg.alpha_schedule} to {cfg.alpha_min}: "
+        schedule = "none" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule} to {cfg.alpha_min}"
+        print(f"  encoder shortcut weights (attn, mlp) per block, {schedule}: "
               + " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(a[::2], a[1::2])))
         if cfg.decay_as_lr:
             print(f"  --decay-as-lr: those weights are 1 here; instead each branch output trains at lr x 1/c_k, "

@@ -890,7 +890,7 @@ FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a
     "bench": {
         "--model": TEXT, "--img-size": "count >= 1", "--alpha-schedule": TEXT, "--alpha-min": "alpha (0, 1]",
         "--decay-as-lr": SWITCH, "--decoder-skips": SWITCH, "--mask-ratio": "fraction (0, 1)",
-        "--batch-size": "count >= 1", "--steps": "count >= 1", "--device": TEXT, "--compile": SWITCH, "--loader": SWITCH, "--data": TEXT,
+        "--batch-size": "count >= 1", "--steps": "count >= 1", "--device": TEXT, "--compile": SWITCH, "--compile-mode": TEXT, "--loader": SWITCH, "--data": TEXT,
         "--data-root": TEXT, "--workers": "workers"},
 }
 PARSERS = {"pretrain": pretrain.build_parser, "probe": probe.build_parser, "rank": rank.build_parser,

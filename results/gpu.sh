@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU number in the README, on one card; each stage but `all` fits one 10-minute call on an H200:
-#   bash results/gpu.sh OUT_DIR [all|bench|fast|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
+#   bash results/gpu.sh OUT_DIR [all|bench|fast|autotune|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
 # bench: stages 1 and 3 (about 4 minutes); default: stage 2 (2 minutes); study: stage 4 (42 runs: not yet timed on a GPU; the 24-run shapes study took 6 minutes); curve: stage 5
 # 1. bench.py, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
 # 2. the default command on CUDA (compile + AMP), whole, with its wall time
@@ -11,10 +11,11 @@
 #    probed and ranked at 4 checkpoints (about 3 + 5 minutes: give it BUDGET_S=560)
 # 6. fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed
 #    by pretrain.py's own img/s (compiled, bf16), and bench.py --loader beside them (about 3 minutes)
+# 7. autotune (not in all, under 10 minutes): ViT-B/16 compiled at batch 256 and 384, then max-autotune at 256
 # Each stage has its own time limit, so one that overruns leaves the rest standing; the study gets what is left
 # of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for summarising and packing its files.
 set -u
-OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|fast|default|study|curve]}
+OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|fast|autotune|default|study|curve]}
 STAGE=${2:-all}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
 mkdir -p "$OUT"
@@ -78,6 +79,13 @@ for PATH_FLAG in --device-data --no-device-data; do
     --log-every 12 --out-dir "$OUT/fast$PATH_FLAG" $CAP | grep -E "img/s|done" | tail -4
 done
 timeout 60 $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
+fi
+
+if [ "$STAGE" = autotune ]; then  # not in `all`: compiling ViT-B/16 with max-autotune takes minutes
+stamp "bench compiled: batch 256 and 384 in the default mode, then batch 256 with max-autotune (issue 14's levers)"
+timeout 150 $PY bench.py --compile --model vit_b16 --batch-size 256 --steps 30
+timeout 150 $PY bench.py --compile --model vit_b16 --batch-size 384 --steps 30
+timeout 280 $PY bench.py --compile --compile-mode max-autotune --model vit_b16 --batch-size 256 --steps 30
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = default ]; then

@@ -166,7 +166,7 @@ def figure(rows, table, out):
     for arm, row in table.items():
         mine = [r for r in rows if r["arm"] == arm and r["blr"] == row["blr"]]
         style = dict(ls="--" if "noskips" in arm else ":" if "decay-as-lr" in arm else "-", marker=".",
-                     label=f"{arm} (blr {blr_tag(row['blr'])}, {len(mine)} seeds)")
+                     label=f"{arm} (blr {blr_tag(row['blr'])}, {len(mine)} seed{'s' * (len(mine) > 1)})")
         for ax, key in zip(axes, ("lp_by_layer", "knn_by_layer", "erank_by_layer")):
             mean = [statistics.mean(v) for v in zip(*(r[key] for r in mine))]
             ax.plot(range(1, len(mean) + 1), mean, **style)

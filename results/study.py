@@ -99,15 +99,20 @@ def run(arm, flags, blr, seed, args):
     return dict(arm=arm, blr=blr, seed=seed, **read_run(out))
 
 
-def chosen_blr(rows, arm, seed):
-    """The protocol's rule: highest validation LP at the validation-picked block; ties go to the lower blr."""
+def chosen_run(rows, arm, seed):
+    """The protocol's rule: the sweep run with the highest validation LP at the validation-picked block; ties go
+    to the lower blr. None while the arm has no finished sweep run."""
     swept = [r for r in rows if r["arm"] == arm and r["seed"] == seed and r["val"] is not None]
-    return max(swept, key=lambda r: (r["val"], -r["blr"]))["blr"] if swept else None
+    return max(swept, key=lambda r: (r["val"], -r["blr"])) if swept else None
+
+
+def chosen_blr(rows, arm, seed):
+    run = chosen_run(rows, arm, seed)
+    return run and run["blr"]
 
 
 def best_linear(rows, seed):
-    scores = {arm: max(r["val"] for r in rows if r["arm"] == arm and r["blr"] == chosen_blr(rows, arm, seed) and r["seed"] == seed)
-              for arm in ("linear-0.8", "linear-0.7", "linear-0.6") if chosen_blr(rows, arm, seed) is not None}
+    scores = {arm: run["val"] for arm in ("linear-0.8", "linear-0.7", "linear-0.6") if (run := chosen_run(rows, arm, seed))}
     return max(scores, key=scores.get).split("-")[1] if scores else None  # ties: the milder decay, listed first
 
 
@@ -210,8 +215,8 @@ def main():
              for arm in args.arms if "best" in arm and alpha_min}
     go([(arm, later[arm], blr, first) for arm in later for blr in args.blrs])
     flags.update(later)
-    go([(arm, flags[arm], chosen_blr(rows, arm, first), seed) for seed in args.seeds[1:] for arm in flags
-        if chosen_blr(rows, arm, first) is not None])
+    chosen = {arm: blr for arm in flags if (blr := chosen_blr(rows, arm, first))}
+    go([(arm, flags[arm], blr, seed) for seed in args.seeds[1:] for arm, blr in chosen.items()])
     table = summarise(rows, flags, first)
     best = f"linear-{alpha_min}"
     pairs = [(arm, "none") for arm in table if arm != "none"] + [

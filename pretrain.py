@@ -352,8 +352,10 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             if save_now:
                 save(model, optimizer, scaler, args, epoch, step, ckpt_path)
                 if end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0:
-                    shutil.copyfile(ckpt_path, os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt"))
-                if end_of_epoch:
+                    kept = os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt")
+                    shutil.copyfile(ckpt_path, kept + ".tmp")
+                    os.replace(kept + ".tmp", kept)  # whole or absent: curve.py probes kept files while training goes on
+                if end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                     reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
                                         os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
             if step >= total:

@@ -1191,3 +1191,7 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
     pool = probe["headline"]["pooling"]
     assert points[-1]["lp_last"] == probe["layers"][-1]["lp_" + pool]
     assert points[-1]["erank_last"] == json.loads((tmp_path / "rank.json").read_text())["checkpoints"][0]["layers"][-1][pool]
+    for kept in (tmp_path / "c" / "runs" / "none").glob("ckpt_epoch*.pt"):  # measured: the JSONs now hold the curve
+        kept.unlink()
+    run("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c", "--collect")
+    assert json.loads((tmp_path / "c" / "curve.json").read_text())["curves"]["none"] == points

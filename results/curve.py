@@ -1,13 +1,13 @@
 """How the features grow with training: one longer run per arm, probed and ranked at the checkpoints it keeps.
 
-    python results/curve.py --arms none linear-0.6 --epochs 24 --every 4 --out results/curve
+    python results/curve.py --arms none linear-0.8 --arm-blr none=1.5e-3 linear-0.8=1.5e-3 --epochs 200 --every 25
 
-Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets probe.py (probe_eNNN.json) and all of
-them one rank.py table. The summary (curve.json) and the figure (curve.png: last-block linear probe, best-block
-linear probe and last-block effective rank against epochs, with the raw-pixel floor of baselines.json) go to <out>.
---train-seconds caps each pretraining: the checkpoints kept by then are still probed, and the next call resumes
-the run from its last checkpoint (resume is exact, so a run split over calls is one run). An arm whose last
-checkpoint (ckpt_epoch<EPOCHS>.pt) exists is not retrained, only probed.
+Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets probe.py (probe_eNNN.json) and rank.py
+(rank_eNNN.json). The summary (curve.json) and the figure (curve.png: last-block linear probe, best-block linear
+probe and last-block effective rank against epochs, with the raw-pixel floor of baselines.json) go to <out>.
+--train-seconds caps each pretraining: the checkpoints kept by then are still measured, and the next call resumes
+the run from its ckpt.pt (resume is exact, so a run split over calls, or over GPU loans, is one run). The curve is
+read from the JSON files, so a kept checkpoint can be deleted once measured; only ckpt.pt is needed to go on.
 """
 import argparse
 import glob
@@ -24,9 +24,10 @@ from study import ARMS, machine, probe_summary, sh  # noqa: E402
 
 
 def train(name, args, extra):
+    """Pretrain (or go on with) one arm; returns its run folder."""
     out = os.path.join(args.out, "runs", name)
-    if os.path.exists(os.path.join(out, f"ckpt_epoch{args.epochs:03d}.pt")):  # finished before: probe only
-        return sorted(glob.glob(os.path.join(out, "ckpt_epoch*.pt")))
+    if os.path.exists(os.path.join(out, f"probe_e{args.epochs:03d}.json")):  # finished and measured before
+        return out
     flags = ARMS[name] + (["--blr", args.arm_blr[name]] if name in args.arm_blr else []) + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
                           "--log-every", 100, *extra["pretrain"]]
     if os.path.exists(os.path.join(out, "ckpt.pt")):  # cut short before (--train-seconds): go on where it stopped
@@ -34,32 +35,57 @@ def train(name, args, extra):
     try:
         sh("pretrain.py", *flags, timeout=args.train_seconds)
     except subprocess.TimeoutExpired:
-        print(f"{name}: pretraining stopped at --train-seconds {args.train_seconds}; probing what it kept", flush=True)
+        print(f"{name}: pretraining stopped at --train-seconds {args.train_seconds}; measuring what it kept", flush=True)
     except subprocess.CalledProcessError as error:
         print(f"failed: {name} (exit {error.returncode})", flush=True)
-    return sorted(glob.glob(os.path.join(out, "ckpt_epoch*.pt")))
+    return out
 
 
-def epoch_of(path):
-    return int(os.path.basename(path)[len("ckpt_epoch"):-len(".pt")])
+def measure(path, extra):
+    """probe.py and rank.py on one kept checkpoint, each skipped if its JSON exists."""
+    probe_out, rank_out = (path.replace("ckpt_epoch", f"{kind}_e").replace(".pt", ".json") for kind in ("probe", "rank"))
+    try:
+        if not os.path.exists(probe_out):
+            sh("probe.py", path, "--out", probe_out, *extra["probe"])
+        if not os.path.exists(rank_out):
+            sh("rank.py", path, "--out", rank_out, *extra["rank"])
+    except subprocess.CalledProcessError as error:
+        print(f"failed: measuring {path} (exit {error.returncode})", flush=True)
 
 
-def probe(path, extra):
-    out = path.replace("ckpt_epoch", "probe_e").replace(".pt", ".json")
-    if not os.path.exists(out):
-        sh("probe.py", path, "--out", out, *extra["probe"])
-    return dict(epoch=epoch_of(path), **probe_summary(out))
+def train_and_measure(args, extra):
+    """The arms train side by side; each checkpoint they keep is measured as soon as it appears."""
+    with ThreadPoolExecutor(len(args.arms)) as trainers, ThreadPoolExecutor(4) as measurers:
+        training = [trainers.submit(train, name, args, extra) for name in args.arms]
+        seen, jobs = set(), []
+        while True:
+            done = all(job.done() for job in training)  # read before the glob, so the last kept file is seen
+            for name in args.arms:
+                for path in sorted(glob.glob(os.path.join(args.out, "runs", name, "ckpt_epoch*.pt"))):
+                    if path not in seen:
+                        seen.add(path)
+                        jobs.append(measurers.submit(measure, path, extra))
+            if done:
+                break
+            time.sleep(5)
+        for job in training + jobs:
+            job.result()
 
 
-def rank(paths, extra):
-    out = os.path.join(os.path.dirname(paths[0]), "rank_curve.json")
-    compare = ["--compare", *paths[1:]] if len(paths) > 1 else []
-    sh("rank.py", paths[0], *compare, "--out", out, *extra["rank"])
-    tables = json.load(open(out))["checkpoints"]
-    return [table["layers"][-1] for table in tables]  # same order as paths
+def points(out):
+    """The arm's curve, from every probe_eNNN.json with its rank_eNNN.json, in epoch order."""
+    found = []
+    for probe_path in sorted(glob.glob(os.path.join(out, "probe_e*.json"))):
+        rank_path = probe_path.replace("probe_e", "rank_e")
+        if not os.path.exists(rank_path):
+            continue
+        point = dict(epoch=int(os.path.basename(probe_path)[len("probe_e"):-len(".json")]), **probe_summary(probe_path))
+        point["erank_last"] = json.load(open(rank_path))["checkpoints"][0]["layers"][-1][point["pooling"]]
+        found.append(point)
+    return found
 
 
-def figure(curves, out):
+def figure(curves, out, heading):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -69,18 +95,20 @@ def figure(curves, out):
         return
     with open(os.path.join(HERE, "glyphs", "baselines.json")) as f:
         floor = json.load(f)["raw_pixels"]["linear_probe"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for name, points in curves.items():
         epochs = [p["epoch"] for p in points]
-        for ax, key in zip(axes, ("lp_last", "lp_best", "erank_last")):
+        for ax, key in zip(axes, ("lp_last", "lp_best", "knn_last", "erank_last")):
             ax.plot(epochs, [p[key] for p in points], marker="o", label=name)
-    titles = ("linear probe, last block (%)", "linear probe, best block (%)", "effective rank, last block")
+    titles = ("linear probe, last block (%)", "linear probe, best block (%)", "k-NN, last block (%)",
+              "effective rank, last block")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("pretraining epochs")
-        if "probe" in title:
+        if "linear probe" in title:
             ax.axhline(floor, color="k", ls=":", label=f"raw pixels {floor:.1f}%")
         ax.legend()
+    fig.suptitle(heading)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curve.png"), dpi=110)
     print("figure:", os.path.join(out, "curve.png"))
@@ -88,7 +116,7 @@ def figure(curves, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=["none", "linear-0.6"], choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=["none", "linear-0.8"], choices=list(ARMS))
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--every", type=int, default=4, help="keep, probe and rank a checkpoint every N epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -96,6 +124,7 @@ def main():
                    help="an arm's own blr, e.g. none=1.5e-3 linear-0.6=5e-4 (the study's choice; default: pretrain.py's)")
     p.add_argument("--train-seconds", type=float, help="stop each pretraining after this long; probe what was kept")
     p.add_argument("--out", default=os.path.join(HERE, "curve"))
+    p.add_argument("--collect", action="store_true", help="only read the JSONs already in --out: curve.json and the figure")
     for stage in ("pretrain", "probe", "rank"):
         p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string")
     args = p.parse_args()
@@ -107,23 +136,21 @@ def main():
         p.error("--arm-blr takes ARM=BLR pairs, e.g. none=1.5e-3")
     extra = {stage: getattr(args, f"{stage}_args").split() for stage in ("pretrain", "probe", "rank")}
     start = time.time()
-    with ThreadPoolExecutor(len(args.arms)) as pool:
-        kept = dict(zip(args.arms, pool.map(lambda name: train(name, args, extra), args.arms)))
-    curves = {}
-    with ThreadPoolExecutor(4) as pool:
-        for name, paths in kept.items():
-            if not paths:
-                continue
-            points = list(pool.map(lambda path: probe(path, extra), paths))
-            for point, ranks in zip(points, rank(paths, extra)):
-                point["erank_last"] = ranks[point["pooling"]]
-            curves[name] = points
-            print(name, " ".join(f"e{q['epoch']}: LP {q['lp_last']:.1f} (best {q['lp_best']:.1f}) "
-                                 f"rank {q['erank_last']:.1f}" for q in points), flush=True)
-    json.dump({"curves": curves, "epochs": args.epochs, "every": args.every, "seed": args.seed,
-               "minutes": round((time.time() - start) / 60, 1), "machine": machine(), "command": " ".join(sys.argv)},
-              open(os.path.join(args.out, "curve.json"), "w"), indent=1)
-    figure(curves, args.out)
+    folders = {name: os.path.join(args.out, "runs", name) for name in args.arms}
+    if not args.collect:
+        train_and_measure(args, extra)
+    curves = {name: points(out) for name, out in folders.items()}
+    for name, found in curves.items():
+        print(name, " ".join(f"e{q['epoch']}: LP {q['lp_last']:.1f} (best {q['lp_best']:.1f}) "
+                             f"rank {q['erank_last']:.1f}" for q in found), flush=True)
+    summary_path = os.path.join(args.out, "curve.json")
+    before = json.load(open(summary_path)) if args.collect and os.path.exists(summary_path) else {}
+    summary = {"curves": curves, "epochs": args.epochs, "every": args.every, "seed": args.seed,
+               "minutes": before.get("minutes", round((time.time() - start) / 60, 1)),
+               "machine": before.get("machine", machine()), "command": before.get("command", " ".join(sys.argv))}
+    json.dump(summary, open(summary_path, "w"), indent=1)
+    figure(curves, args.out, f"{args.epochs}-epoch runs, seed {args.seed}, "
+           f"{max((p['epoch'] for c in curves.values() for p in c), default=0)} done, on {summary['machine']}")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# Every GPU number in the README, on one card; each stage but `all` fits one 10-minute call on an H200:
-#   bash results/gpu.sh OUT_DIR [all|bench|fast|autotune|default|study|curve]   (OUT_DIR gets gpu-STAGE.log and gpu_results.tar.gz)
-# bench: stages 1 and 3 (about 4 minutes); default: stage 2 (2 minutes); study: stage 4 (42 runs: not yet timed on a GPU; the 24-run shapes study took 6 minutes); curve: stage 5
-# 1. bench.py, ViT-B/16 224 px batch 256 bf16: ours eager, ours compiled, and the timm-Block MAE run eagerly
-# 2. the default command on CUDA (compile + AMP), whole, with its wall time
-# 3. bench.py --loader on an ImageFolder of JPEGs it writes, 16 workers
-# 4. the glyphs study (results/study.py: 7 arms, a 4-value blr sweep each, 3 seeds), the CPU preset in bf16: a study
-#    of its own (OUT/study), never mixed with the fp32 CPU runs
-# 5. results/curve.py, none and linear-0.6 side by side, 12 and then 24 epochs of the GPU default recipe, each
-#    probed and ranked at 4 checkpoints (about 3 + 5 minutes: give it BUDGET_S=560)
-# 6. fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed
-#    by pretrain.py's own img/s (compiled, bf16), and bench.py --loader beside them (about 3 minutes)
-# 7. autotune (not in all, under 10 minutes): ViT-B/16 compiled at batch 256 and 384, then max-autotune at 256
-# Each stage has its own time limit, so one that overruns leaves the rest standing; the study gets what is left
-# of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for summarising and packing its files.
+# Every GPU number in the README, on one card:
+#   bash results/gpu.sh OUT_DIR ["STAGE STAGE ..." | all]   (OUT_DIR gets gpu-<stages>.log and gpu_results.tar.gz)
+# bench: ViT-B/16 224 px batch 256 bf16, ours eager and compiled beside the timm-Block MAE run eagerly, then
+#        bench.py --loader on an ImageFolder of JPEGs it writes, 16 workers (about 4 minutes)
+# mfu: the compiled half of bench alone: ours compiled vs timm eager, one run (about 90 s)
+# fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed by
+#       pretrain.py's own img/s (compiled, bf16), bench.py --loader beside them, then the model step alone at
+#       batch 256 and 1024, compiled in the default mode and with CUDA graphs (about 4 minutes)
+# autotune (not in all): ViT-B/16 compiled at batch 256 and 384, then max-autotune at 256 (under 10 minutes)
+# default: the default command on CUDA (compile + AMP), whole, with its wall time
+# study: the glyphs study (results/study.py), the CPU preset in bf16: a study of its own (OUT/study), never mixed
+#        with the fp32 CPU runs
+# curve: results/curve.py, none and linear-0.8 at the study's blr, 200 epochs of the GPU default recipe (batch 256,
+#        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from results/curve_glyphs (whose
+#        ckpt.pt.gz the call must carry), trains until BUDGET_S runs out, and sends back each arm's ckpt.pt.gz in
+#        15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into results/curve_glyphs/runs/<arm>/ckpt.pt.gz)
+# Each stage has its own time limit, so one that overruns leaves the rest standing; study and curve get what is
+# left of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for packing the files.
 set -u
-OUT=${1:?usage: bash results/gpu.sh OUT_DIR [all|bench|fast|autotune|default|study|curve]}
-STAGE=${2:-all}
+OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast autotune default study curve}
+STAGES=${2:-all}
+want() { { [ "$STAGES" = all ] && [ "$1" != autotune ]; } || [[ " $STAGES " == *" $1 "* ]]; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
 mkdir -p "$OUT"
 PY=${PY:-python3}
 QUICK=${QUICK:-0}  # QUICK=1: a tiny CPU dry run of this script's plumbing, no numbers
 export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/gpu-$STAGE.log") 2>&1
+exec > >(tee "$OUT/gpu-${STAGES// /-}.log") 2>&1
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
 stamp env
@@ -32,15 +36,15 @@ nproc
 
 if [ "$QUICK" = 1 ]; then
   BENCH="--model vit_p4_32 --batch-size 32 --steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
-  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 --blrs 1.5e-3"; CURVE_EPOCHS="4"; CAP="--max-steps 3"
+  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 --blrs 1.5e-3"; CURVE_EPOCHS=2; CURVE_EVERY=1; CAP="--max-steps 3"
   PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
 else
   BENCH="--model vit_b16 --batch-size 256 --steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
-  STUDY="--epochs 2"; CURVE_EPOCHS="12 24"
+  STUDY="--epochs 2"
   PROBE=""; RANK=""; CAP=""
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+if want bench; then
 stamp "bench eager (ours vs timm Block)"
 timeout 120 $PY bench.py --no-compile $BENCH
 stamp "bench compiled (ours) vs timm Block eager"
@@ -70,25 +74,35 @@ rm -rf "$OUT/jpegs"
 
 fi
 
-[ "$STAGE" = bench ] || $PY -c "import glyphs; glyphs.make_glyphs('train'); glyphs.make_glyphs('test')"  # the embedded data, cached once
+[ "$STAGES" = bench ] || [ "$STAGES" = mfu ] || $PY -c "import glyphs; glyphs.make_glyphs('train'); glyphs.make_glyphs('test')"  # the embedded data, cached once
 
-if [ "$STAGE" = all ] || [ "$STAGE" = fast ]; then
-for PATH_FLAG in --device-data --no-device-data; do
-  stamp "fast: vit_m4_32, batch 1024, $PATH_FLAG"
-  timeout 150 $PY pretrain.py --alpha-schedule none --batch-size 1024 --epochs ${FAST_EPOCHS:-12} $PATH_FLAG \
-    --log-every 12 --out-dir "$OUT/fast$PATH_FLAG" $CAP | grep -E "img/s|done" | tail -4
-done
-timeout 60 $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
+if want mfu && ! want bench; then
+stamp "mfu: ours compiled vs timm Block eager"
+timeout 200 $PY bench.py --compile $BENCH
 fi
 
-if [ "$STAGE" = autotune ]; then  # not in `all`: compiling ViT-B/16 with max-autotune takes minutes
+if want fast; then
+for PATH_FLAG in --device-data --no-device-data; do  # 48 steps an epoch; a log line every 12 (the first holds compiling)
+  LENGTH=$([ $PATH_FLAG = --device-data ] && echo "--epochs 3" || echo "--epochs 3 --max-steps 48")
+  stamp "fast: vit_m4_32, batch 1024, $PATH_FLAG ($LENGTH)"
+  timeout 150 $PY pretrain.py --alpha-schedule none --batch-size 1024 $LENGTH $PATH_FLAG \
+    --log-every 12 --out-dir "$OUT/fast$PATH_FLAG" $CAP | grep -E "img/s|done"
+done
+timeout 60 $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
+stamp "fast: the vit_m4_32 step alone (synthetic batch), default compile and CUDA graphs (reduce-overhead)"
+for MODE in default reduce-overhead; do  # on the H100 the whole loop took 22 ms a step at batch 1024 and 30 at 256
+  for B in 256 1024; do timeout 90 $PY bench.py --compile --compile-mode $MODE --model vit_m4_32 --batch-size $B --steps 50; done
+done
+fi
+
+if want autotune; then  # not in `all`: compiling ViT-B/16 with max-autotune takes minutes
 stamp "bench compiled: batch 256 and 384 in the default mode, then batch 256 with max-autotune (issue 14's levers)"
 timeout 150 $PY bench.py --compile --model vit_b16 --batch-size 256 --steps 30
 timeout 150 $PY bench.py --compile --model vit_b16 --batch-size 384 --steps 30
 timeout 280 $PY bench.py --compile --compile-mode max-autotune --model vit_b16 --batch-size 256 --steps 30
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = default ]; then
+if want default; then
 stamp "the default command, on this machine's default device"
 T0=$(date +%s)
 timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --log-every 100 $DEFAULT \
@@ -96,7 +110,7 @@ timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --l
   && timeout 60 $PY probe.py "$OUT/default/ckpt.pt" $PROBE | tail -4
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = study ]; then
+if want study; then
 stamp "study: the CPU preset, 7 arms x (4 blr + 2 seeds), 10 runs at once"
 STUDY_S=$(( DEADLINE - $(date +%s) ))
 echo "study time limit: $STUDY_S s"
@@ -105,18 +119,23 @@ timeout $STUDY_S $PY results/study.py --out "$OUT/study" --jobs 10 $STUDY \
   || $PY results/study.py --out "$OUT/study" --collect $STUDY | tail -12  # cut short: summarise what finished
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = curve ]; then
-for EPOCHS in $CURVE_EPOCHS; do  # the GPU default recipe (batch 256, compiled, bf16), none and linear-0.6 side by side
-  stamp "curve: $EPOCHS epochs, a checkpoint probed every $(( EPOCHS / 4 ))"
-  timeout $(( DEADLINE - $(date +%s) )) $PY results/curve.py --out "$OUT/curve$EPOCHS" --arms none linear-0.6 \
-    --epochs $EPOCHS --every $(( EPOCHS / 4 )) --train-seconds $(( DEADLINE - $(date +%s) - 90 )) \
-    --pretrain-args="--workers 6 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
+if want curve; then  # the GPU default recipe, none and the study's best linear arm, each at its chosen blr
+CURVE="$OUT/curve"
+mkdir -p "$CURVE" && cp -r results/curve_glyphs/. "$CURVE" 2>/dev/null  # an earlier loan's JSONs and ckpt.pt.gz
+for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
+stamp "curve: 200 epochs, probe and rank every 25"
+timeout $(( DEADLINE - $(date +%s) )) $PY results/curve.py --out "$CURVE" --arms none linear-0.8 \
+  --arm-blr none=1.5e-3 linear-0.8=1.5e-3 --epochs ${CURVE_EPOCHS:-200} --every ${CURVE_EVERY:-25} \
+  --train-seconds $(( DEADLINE - $(date +%s) - 75 )) \
+  --pretrain-args="--workers 6 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
+find "$CURVE" -name "ckpt_epoch*.pt" -delete  # measured: the JSONs hold them
+for run in "$CURVE"/runs/*; do
+  [ -f "$run/ckpt.pt" ] && gzip -1 "$run/ckpt.pt" && split -b 15M "$run/ckpt.pt.gz" "$OUT/$(basename "$run").ckpt.pt.gz.part-" \
+    && rm "$run/ckpt.pt.gz"
 done
 fi
 
-if [ "$STAGE" != bench ]; then
 stamp "pack"
 find "$OUT" -name "ckpt*.pt" -delete
-tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d default study curve* fast* 2>/dev/null)
-fi
+tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d default study curve fast* 2>/dev/null)
 stamp done

@@ -11,6 +11,7 @@ import time
 import torch
 
 import data
+import device_data
 from common import WORKERS, Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device, positive_int, real
 from model import MAE, PRESETS, SCHEDULES
 from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
@@ -126,7 +127,7 @@ def bench_loader(args, cfg, device):
     print(f"bench loader: {args.data}, {workers} workers, batch {args.batch_size}: {img_s:.0f} img/s "
           f"(decode + augmentation + mask noise)")
     if args.data in data.DATASETS:  # in memory: the device path beside it (pretrain.py's default on CUDA)
-        fast, index = data.DeviceBatches(train_set, data.MEAN_STD[args.data], cfg.img_size, device), torch.arange(args.batch_size)
+        fast, index = device_data.DeviceBatches(train_set, data.MEAN_STD[args.data], cfg.img_size, device), torch.arange(args.batch_size)
         fast.batch(index, 0, 0, 0, items.n_patches)
         synchronize(device)
         start = time.perf_counter()

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import device_data
 from common import (SEED, WORKERS, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint, lr_at, non_negative,
                     non_negative_int, peak_flops, pick_device, positive, positive_int, real, rng_states, save_atomic,
                     set_rng_states)
@@ -143,7 +143,7 @@ def build_parser():
     a("--device", help="auto (cuda, then mps, then cpu), or a torch device name")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
     a("--device-data", action=argparse.BooleanOptionalAction, help="keep the train set on the device and augment "
-      "whole batches there (data.DeviceBatches; default: on CUDA for the named in-memory sets, else off)")
+      "whole batches there (device_data.py; default: on CUDA for the named in-memory sets, else off)")
     a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
     a("--workers", type=WORKERS, help="data loader processes (default: 0 on CPU, 8 on GPU)")
     a("--log-every", type=positive_int, help="optimizer steps between log lines (default: 20)")
@@ -220,12 +220,10 @@ def build(args, world):
 
 
 def model_config(args):
-    overrides = dict(alpha_schedule=args.alpha_schedule, alpha_min=args.alpha_min, decay_as_lr=args.decay_as_lr,
-                     decoder_skips=args.decoder_skips, mask_ratio=args.mask_ratio)
-    if args.img_size is not None:
-        overrides["img_size"] = args.img_size
+    size = {} if args.img_size is None else {"img_size": args.img_size}  # None: the preset's
     try:
-        return preset(args.model, **overrides)
+        return preset(args.model, alpha_schedule=args.alpha_schedule, alpha_min=args.alpha_min, decay_as_lr=args.decay_as_lr,
+                      decoder_skips=args.decoder_skips, mask_ratio=args.mask_ratio, **size)
     except ValueError as e:
         fail(str(e))
 
@@ -233,8 +231,7 @@ def model_config(args):
 def prepare_out_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test{os.getpid()}")
-        open(probe, "w").close()
+        open(probe := os.path.join(path, f".write-test{os.getpid()}"), "w").close()
         os.remove(probe)
     except OSError as e:
         fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")
@@ -289,7 +286,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     peak_lr = args.blr * args.batch_size * args.accum_steps / 256
     n_patches = (cfg.img_size // cfg.patch_size) ** 2
     items = SeededItems(train_set, args.seed, n_patches)
-    fast = data.DeviceBatches(train_set, data.MEAN_STD[args.data], cfg.img_size, device) if args.device_data else None
+    fast = device_data.DeviceBatches(train_set, data.MEAN_STD[args.data], cfg.img_size, device) if args.device_data else None
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     show_imgs = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))]).to(device)
     show_noise = torch.rand(len(show_imgs), n_patches, generator=torch.Generator().manual_seed(0)).to(device)
@@ -352,9 +349,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             if save_now:
                 save(model, optimizer, scaler, args, epoch, step, ckpt_path)
                 if end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0:
-                    kept = os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt")
-                    shutil.copyfile(ckpt_path, kept + ".tmp")
-                    os.replace(kept + ".tmp", kept)  # whole or absent: curve.py probes kept files while training goes on
+                    save(model, optimizer, scaler, args, epoch, step, os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt"))
                 if end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                     reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
                                         os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
@@ -392,12 +387,11 @@ def save(model, optimizer, scaler, args, epoch, step, path):
 
 def keep_log_until(log_path, step):
     """A resumed run drops the log lines that the interrupted run wrote after its checkpoint."""
-    if not os.path.exists(log_path):
-        return
-    with open(log_path) as f:
-        lines = [line for line in f if json.loads(line)["step"] <= step]
-    with open(log_path, "w") as f:
-        f.writelines(lines)
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(lines)
 
 
 if __name__ == "__main__":

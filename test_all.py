@@ -358,6 +358,7 @@ import numpy as np
 
 import common
 import data
+import device_data
 import pretrain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -528,7 +529,7 @@ def test_accumulation_equals_the_large_batch_and_resumes_exactly_at_an_epoch_bou
 def test_device_crops_draw_like_random_resized_crop():
     """20,000 boxes each from ours and from v2.RandomResizedCrop on 32 x 32: the same distribution of height,
     width and top (total variation of the histograms; sampling noise alone gives about 0.015), area and log-ratio."""
-    top, left, h, w = data.random_resized_crops(torch.Generator().manual_seed(0), 20_000, 32, 32)
+    top, left, h, w = device_data.random_resized_crops(torch.Generator().manual_seed(0), 20_000, 32, 32)
     torch.manual_seed(0)
     draws = [v2.RandomResizedCrop(32, scale=(0.2, 1.0)).make_params([torch.zeros(3, 32, 32)]) for _ in range(20_000)]
     ref = {k: torch.tensor([float(d[k]) for d in draws]) for k in ("top", "left", "height", "width")}
@@ -540,7 +541,7 @@ def test_device_crops_draw_like_random_resized_crop():
     assert (w / h).log().std() == pytest.approx((ref["width"] / ref["height"]).log().std(), abs=0.005)
     assert ((top + h <= 32) & (left + w <= 32) & (h >= 1) & (w >= 1)).all()
     # an image too wide for the ratio range fails all 10 tries at scale 1: torchvision's central fallback
-    top, left, h, w = data.random_resized_crops(torch.Generator().manual_seed(0), 8, 10, 40, scale=(1.0, 1.0))
+    top, left, h, w = device_data.random_resized_crops(torch.Generator().manual_seed(0), 8, 10, 40, scale=(1.0, 1.0))
     assert (h == 10).all() and (w == 13).all() and (left == 13).all() and (top == 0).all()
 
 
@@ -550,13 +551,13 @@ def test_device_batch_resamples_like_torchvision_and_slices_per_rank():
     Two ranks' shares, side by side, are the one-process batch; the stream is fixed by (seed, epoch, micro)."""
     images = (torch.rand(4, 3, 32, 32) * 255).round().to(torch.uint8)
     for box, flipped in (((0, 0, 32, 32), False), ((0, 0, 32, 32), True), ((4, 6, 16, 20), False), ((9, 2, 23, 11), True)):
-        got = data.crop_and_flip(images, *(torch.full((4,), float(v)) for v in (*box, -1 if flipped else 1)), 32)
+        got = device_data.crop_and_flip(images, *(torch.full((4,), float(v)) for v in (*box, -1 if flipped else 1)), 32)
         ref = v2.functional.resized_crop(images.float(), *box, [32, 32], v2.InterpolationMode.BICUBIC, antialias=False)
         ref = (v2.functional.horizontal_flip(ref) if flipped else ref).clamp(0, 255)  # as on uint8
         m = math.ceil(2.5 * 32 / min(box[2:])) if box[2] < 32 else 0  # output pixels whose taps reach past the box
         inside = (..., slice(m, 32 - m), slice(m, 32 - m))
         assert torch.allclose(got[inside], ref[inside], atol=1e-3), (box, flipped)  # in 0..255
-    fast = data.DeviceBatches(data.TensorImages(images, [0] * 4, None, ["x"]), ((0.5,) * 3, (0.25,) * 3), 32, "cpu")
+    fast = device_data.DeviceBatches(data.TensorImages(images, [0] * 4, None, ["x"]), ((0.5,) * 3, (0.25,) * 3), 32, "cpu")
     index = torch.tensor([3, 1, 2, 0])
     whole, noise = fast.batch(index, 7, 2, 5, 64)
     halves = [fast.batch(index, 7, 2, 5, 64, rank, 2) for rank in (0, 1)]

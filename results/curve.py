@@ -24,10 +24,10 @@ from study import ARMS, machine, probe_summary, sh  # noqa: E402
 
 
 def train(name, args, extra):
-    """Pretrain (or go on with) one arm; returns its run folder."""
+    """Pretrain (or go on with) one arm, in <out>/runs/<name>."""
     out = os.path.join(args.out, "runs", name)
     if os.path.exists(os.path.join(out, f"probe_e{args.epochs:03d}.json")):  # finished and measured before
-        return out
+        return
     flags = ARMS[name] + (["--blr", args.arm_blr[name]] if name in args.arm_blr else []) + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
                           "--log-every", 100, *extra["pretrain"]]
     if os.path.exists(os.path.join(out, "ckpt.pt")):  # cut short before (--train-seconds): go on where it stopped
@@ -38,7 +38,6 @@ def train(name, args, extra):
         print(f"{name}: pretraining stopped at --train-seconds {args.train_seconds}; measuring what it kept", flush=True)
     except subprocess.CalledProcessError as error:
         print(f"failed: {name} (exit {error.returncode})", flush=True)
-    return out
 
 
 def measure(path, extra):

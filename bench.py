@@ -4,15 +4,17 @@ Block as facebookresearch/mae runs it, when timm is installed), or the data load
     python bench.py                                          # CPU: the default preset; CUDA: ViT-B/16
     python bench.py --model vit_b16 --batch-size 256 --compile --steps 30
     python bench.py --loader --data /path/to/imagenet --workers 16
+    python bench.py --model vit_b16 --compile --profile                # where a step's time goes, by kernel
 """
 import argparse
+import os
 import time
 
 import torch
 
 import data
 import device_data
-from common import WORKERS, Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device, positive_int, real
+from common import COMPILE_MODES, WORKERS, Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device, positive_int, real
 from model import MAE, PRESETS, SCHEDULES
 from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
 
@@ -31,8 +33,9 @@ def build_parser():
     a("--steps", type=positive_int, default=20, help="timed steps or batches (default: 20)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile ours (default: on CUDA only)")
-    a("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="default",
+    a("--compile-mode", choices=COMPILE_MODES, default="default",
       help="torch.compile mode, a speed lever to time (max-autotune compiles for minutes)")
+    a("--profile", action="store_true", help="then profile a few of our steps: the kernels that take the time")
     a("--loader", action="store_true", help="time the data loader alone (decode + augmentation + mask noise)")
     a("--data", default=data.EMBEDDED, help=f"with --loader: {data.EMBEDDED} (default), a dataset name or an ImageFolder root")
     a("--data-root", default="./data", help="where torchvision datasets live (default: ./data)")
@@ -78,6 +81,17 @@ def seconds_per_step(model, device, imgs, steps, warmup):
     return (time.perf_counter() - start) / steps
 
 
+def profile_steps(model, device, imgs, rows=15):
+    """Our kernels ranked by their own time over 3 steps (after the timed ones, so compiling is done)."""
+    from torch.profiler import ProfilerActivity, profile
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler library's start-up chatter (read when it starts)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        seconds_per_step(model, device, imgs, steps=3, warmup=0)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def bench_steps(args, cfg, device):
     """{label: images per second} for ours and, if timm is installed, the timm-Block reference."""
     imgs = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
@@ -105,6 +119,8 @@ def bench_steps(args, cfg, device):
     if len(results) == 2:
         first, second = results.values()
         print(f"  ratio ours / timm reference: {first / second:.2f}x")
+    if args.profile:
+        profile_steps(variants[0][1], device, imgs)
     return results
 
 

@@ -62,6 +62,7 @@ positive, non_negative = real(0, low_open=True), real(0)
 fraction = real(0, 1, low_open=True, high_open=True)  # in (0, 1)
 SEED = whole(0, 2**32 - 1)  # numpy's seed range; a negative seed is refused rather than folded onto another
 WORKERS = whole(0, 256)  # data loader processes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead replays CUDA graphs
 
 
 # ---- device

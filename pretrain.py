@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import device_data
-from common import (SEED, WORKERS, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint, lr_at, non_negative,
-                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, rng_states, save_atomic,
-                    set_rng_states)
+from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint,
+                    lr_at, non_negative, non_negative_int, peak_flops, pick_device, positive, positive_int, real,
+                    rng_states, save_atomic, set_rng_states)
 from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -111,8 +111,8 @@ RUN_FLAGS = dict(model=None, img_size=None, alpha_schedule="linear", alpha_min=0
                  data=data.EMBEDDED, epochs=None, max_steps=None, batch_size=None, accum_steps=1, blr=None,
                  weight_decay=0.05, warmup_epochs=None, seed=0, device_data=None)
 # Flags free to change between a run and its resumption.
-RUNTIME_FLAGS = dict(out_dir="out", device="auto", compile=None, resume=None, workers=None, log_every=20,
-                     save_every=0, keep_every=0, download=False, data_root="./data")
+RUNTIME_FLAGS = dict(out_dir="out", device="auto", compile=None, compile_mode=None, resume=None, workers=None,
+                     log_every=20, save_every=0, keep_every=0, download=False, data_root="./data")
 
 
 def build_parser():
@@ -142,6 +142,8 @@ def build_parser():
     a("--out-dir", help="checkpoint, log and pictures go here (default: out)")
     a("--device", help="auto (cuda, then mps, then cpu), or a torch device name")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
+    a("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode, implies --compile: reduce-overhead (CUDA "
+      "graphs) suits small models whose steps wait on kernel launches (default: torch's default)")
     a("--device-data", action=argparse.BooleanOptionalAction, help="keep the train set on the device and augment "
       "whole batches there (device_data.py; default: on CUDA for the named in-memory sets, else off)")
     a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
@@ -181,7 +183,7 @@ def fill_defaults(args, device):
     embedded, gpu = args.data == data.EMBEDDED, device.type == "cuda"
     defaults = dict(model=CPU_PRESET if embedded else "vit_b16", epochs=CPU_EPOCHS if embedded else 800,
                     batch_size=256 if gpu else 128, blr=1.5e-3 if embedded else 1.5e-4, workers=8 if gpu else 0,
-                    compile=gpu, device_data=gpu and args.data in data.DATASETS)
+                    compile=gpu or args.compile_mode is not None, device_data=gpu and args.data in data.DATASETS)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -245,8 +247,7 @@ def main(argv=None):
     cfg, train_set, held_out = build(args, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, ddp_device = setup_distributed()  # only once every input has been checked
     device = ddp_device or device
-    master = rank == 0
-    if master:
+    if rank == 0:
         prepare_out_dir(args.out_dir)
         print(f"model {args.model}: {cfg.depth} blocks x {cfg.width} wide, {cfg.img_size} px, patch {cfg.patch_size}; "
               f"data {args.data}; device {device}; {world} process(es)")
@@ -276,7 +277,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
         set_rng_states(ckpt["rng"])
         step = ckpt["step"]
     runner = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    runner = torch.compile(runner) if args.compile else runner
+    runner = torch.compile(runner, mode=args.compile_mode) if args.compile else runner
 
     micro = args.batch_size // world
     steps_per_epoch = len(train_set) // (args.batch_size * args.accum_steps)
@@ -356,8 +357,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             if step >= total:
                 break
     if master:
-        minutes = (time.time() - t_start) / 60
-        print(f"done: {step} steps in {minutes:.1f} min; checkpoint {ckpt_path}\n"
+        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}\n"
               f"next: python probe.py {ckpt_path}   and   python rank.py {ckpt_path}")
 
 

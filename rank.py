@@ -96,17 +96,17 @@ def build_parser():
     a("--n", type=non_negative_int, default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--n-tokens", type=non_negative_int, default=512,
       help="of those, images whose own token matrices are ranked (default %(default)s)")
-    a("--out", help="JSON path (default: rank.json beside the first checkpoint; the PNG beside it)")
+    a("--out", help="JSON path (default: rank.json beside the checkpoint, rank_compare.json with --compare; the PNG beside it)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     start, device = time.time(), pick_device(args.device)
-    models = {path: load_model(path) for path in [args.checkpoint, *args.compare]}
-    name, root = data_source(models[args.checkpoint][1], args, args.checkpoint)
+    models = [(path, *load_model(path)) for path in [args.checkpoint, *args.compare]]  # a list: a path may repeat
+    name, root = data_source(models[0][2], args, args.checkpoint)
     results = []
-    for path, (model, _) in models.items():
+    for path, model, _ in models:
         print(describe(path, model))
         images = get_split(name, "test", model.config.img_size, root, args.n)
         try:
@@ -119,7 +119,7 @@ def main(argv=None):
     for result in results:
         print_table(result)
     print(f"took {time.time() - start:.0f} s")
-    out = save_json(args.out or beside(args.checkpoint, "rank.json"), {
+    out = save_json(args.out or beside(args.checkpoint, "rank_compare.json" if args.compare else "rank.json"), {
         "data": name, "columns": COLUMNS, "sample": "seeded random sample of the test split (seed 0)",
         "checkpoints": results, "seconds": round(time.time() - start, 1)})
     plot_ranks(results, os.path.splitext(out)[0] + ".png")

@@ -246,6 +246,27 @@ def test_skips_feed_the_decoder_deepest_first():
     assert fed == ["norm", 9, 7, 5, 3, 1]
 
 
+def test_skip_is_the_authors_concat_mlp():
+    """SPEC 3: skip(x, f) = x + fc2(silu(W [x, f_full] + b)), one Linear over the concatenation, where f_full puts
+    each visible encoder token back at its patch, the mask token at hidden patches and cls first; written here
+    token by token. Fails if the mask token or the cls token goes to the wrong place, or the halves are swapped."""
+    skip = randomise(M.SkipFuse(dec_dim=6, enc_dim=10), seed=3)
+    g = torch.Generator().manual_seed(4)
+    b, n, k = 2, 9, 3
+    ids_keep, ids_restore, _ = M.random_masking(n, 1 - k / n, torch.rand(b, n, generator=g))
+    feature, x = torch.randn(b, 1 + k, 10, generator=g), torch.randn(b, 1 + n, 6, generator=g)
+    full = torch.empty(b, 1 + n, 10)
+    for i in range(b):
+        full[i, 0] = feature[i, 0]
+        for patch in range(n):
+            kept = (ids_keep[i] == patch).nonzero()
+            full[i, 1 + patch] = feature[i, 1 + kept.item()] if len(kept) else skip.mask_token[0, 0]
+    w = torch.cat([skip.fc1_dec.weight, skip.fc1_enc.weight], dim=1)
+    hidden = F.silu(torch.cat([x, full], dim=-1) @ w.T + skip.fc1_dec.bias)
+    ref = x + hidden @ skip.fc2.weight.T + skip.fc2.bias
+    assert torch.allclose(skip(x, feature, ids_restore), ref, atol=1e-5)
+
+
 def test_bf16_autocast_forward_backward_is_close_to_fp32():
     """CUDA trains under bf16 autocast, which CI never runs; CPU autocast runs the same mixed-precision graph.
     bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4%): predictions and gradients must agree with fp32 to
@@ -608,6 +629,24 @@ def test_flops_match_the_vit_b16_count():
     assert common.flops_per_image(cfg, 0.75) / 1e9 == pytest.approx(19.6, abs=0.1)
 
 
+@pytest.mark.parametrize("skips", [True, False])
+def test_flops_match_torch_flop_counter(skips):
+    """MFU's numerator against torch's own count of the matmuls run: FlopCounterMode at batch 2 less batch 1 is
+    the per-image part (parts computed once per batch, e.g. the skip decoder's embedding of positions, drop out).
+    Its SDPA rule does not cover the CPU kernel, so the attention products 4*T*T*d per block are added by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = M.preset("vit_m4_32", decoder_skips=skips)
+    model, counted = M.MAE(cfg), []
+    for b in (1, 2):
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(b, 3, 32, 32))
+        counted.append(counter.get_total_flops())  # a multiply-add counts 2, as in flops_per_image
+    per_image = counted[1] - counted[0]
+    t_enc, t_dec = 1 + 64 // 4, 1 + 64
+    attention = cfg.depth * 4 * t_enc ** 2 * cfg.width + cfg.decoder_depth * 4 * t_dec ** 2 * cfg.decoder_width
+    assert common.flops_per_image(cfg, 0.75) == per_image + attention
+
+
 def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path):
     out = tmp_path / "run"
     result = run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 40, "--batch-size", 64, "--blr", 5e-3,
@@ -878,7 +917,7 @@ FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a
         "--data-root": TEXT, "--epochs": "count >= 1", "--max-steps": "count >= 1", "--batch-size": "count >= 1",
         "--accum-steps": "count >= 1", "--blr": "real > 0", "--weight-decay": "real >= 0",
         "--warmup-epochs": "real >= 0", "--seed": "seed", "--out-dir": TEXT, "--device": TEXT, "--compile": SWITCH,
-        "--resume": TEXT, "--workers": "workers", "--log-every": "count >= 1", "--save-every": "count >= 0",
+        "--compile-mode": TEXT, "--resume": TEXT, "--workers": "workers", "--log-every": "count >= 1", "--save-every": "count >= 0",
         "--keep-every": "count >= 0", "--device-data": SWITCH},
     "probe": {
         "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--device": TEXT, "--batch-size": "count >= 1",
@@ -891,8 +930,9 @@ FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a
     "bench": {
         "--model": TEXT, "--img-size": "count >= 1", "--alpha-schedule": TEXT, "--alpha-min": "alpha (0, 1]",
         "--decay-as-lr": SWITCH, "--decoder-skips": SWITCH, "--mask-ratio": "fraction (0, 1)",
-        "--batch-size": "count >= 1", "--steps": "count >= 1", "--device": TEXT, "--compile": SWITCH, "--compile-mode": TEXT, "--loader": SWITCH, "--data": TEXT,
-        "--data-root": TEXT, "--workers": "workers"},
+        "--batch-size": "count >= 1", "--steps": "count >= 1", "--device": TEXT, "--compile": SWITCH,
+        "--compile-mode": TEXT, "--profile": SWITCH, "--loader": SWITCH, "--data": TEXT, "--data-root": TEXT,
+        "--workers": "workers"},
 }
 PARSERS = {"pretrain": pretrain.build_parser, "probe": probe.build_parser, "rank": rank.build_parser,
            "bench": bench.build_parser}
@@ -939,6 +979,15 @@ def test_a_given_zero_is_never_replaced_by_a_default():
     pretrain.fill_defaults(args, torch.device("cpu"))
     assert (args.epochs, args.batch_size, args.blr, args.workers) == (pretrain.CPU_EPOCHS, 128, 1.5e-3, 0)
     assert args.warmup_epochs == pytest.approx(0.05 * pretrain.CPU_EPOCHS)
+
+
+def test_a_compile_mode_implies_compile_unless_refused():
+    cases = {(): (False, None), ("--compile-mode", "reduce-overhead"): (True, "reduce-overhead"),
+             ("--compile-mode", "max-autotune", "--no-compile"): (False, "max-autotune"), ("--compile",): (True, None)}
+    for argv, expected in cases.items():
+        args, _ = pretrain.parse_args(list(argv))
+        pretrain.fill_defaults(args, torch.device("cpu"))
+        assert (args.compile, args.compile_mode) == expected, argv
 
 
 # ----------------------------------------------------------------------------- decay is a learning rate (SPEC 8)
@@ -1111,11 +1160,14 @@ def test_probe_and_rank_end_to_end(finished_run):
     first, second = result["checkpoints"]
     assert first["layers"] == second["layers"] and first["n_val"] == 100 and "(+0.0/+0.0)" in out
     assert first["headline"]["best_linear_probe"]["layer"] in (1, 12) and "best linear probe block" in out
-    out = run(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt).stdout
-    result = json.load(open(finished_run / "run" / "rank.json"))
-    layers = result["checkpoints"][0]["layers"]
+    out = run(RANK, ckpt, "--n", 64, "--n-tokens", 8).stdout
+    alone = json.load(open(finished_run / "run" / "rank.json"))
+    layers = alone["checkpoints"][0]["layers"]
     assert len(layers) == 12 and "linear" in out and "0.600" in out  # the schedule is shown
     assert all(1 <= r["mean"] <= 64 for r in layers)
+    run(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt)  # as probe.py: its own file, rank.json kept
+    both = json.load(open(finished_run / "run" / "rank_compare.json"))["checkpoints"]
+    assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
 
 
 def test_public_weights_path(tmp_path):
@@ -1135,9 +1187,10 @@ def test_public_weights_path(tmp_path):
 
 def test_bench_smoke():
     before = set(os.listdir(HERE))
-    out = run("bench.py", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2).stdout
+    out = run("bench.py", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2, "--profile").stdout
     assert "GFLOPs per image" in out
     assert all(field in out for field in ("ms/step", "img/s", "mfu", "peak mem"))
+    assert out.count("Self CPU time total") == 1 and "aten::" in out  # --profile: one kernel table, ours
     out = run("bench.py", "--loader", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2).stdout
     assert f"bench loader: {data.EMBEDDED}" in out and "img/s" in out
     assert "bench device path (--device-data) on cpu" in out

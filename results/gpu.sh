@@ -3,10 +3,11 @@
 #   bash results/gpu.sh OUT_DIR ["STAGE STAGE ..." | all]   (OUT_DIR gets gpu-<stages>.log and gpu_results.tar.gz)
 # bench: ViT-B/16 224 px batch 256 bf16, ours eager and compiled beside the timm-Block MAE run eagerly, then
 #        bench.py --loader on an ImageFolder of JPEGs it writes, 16 workers (about 4 minutes)
-# mfu: the compiled half of bench alone: ours compiled vs timm eager, one run (about 90 s)
+# mfu: the compiled half of bench alone: ours compiled vs timm eager, one run, then a profile of our step (about 100 s)
 # fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed by
-#       pretrain.py's own img/s (compiled, bf16), bench.py --loader beside them, then the model step alone at
-#       batch 256 and 1024, compiled in the default mode and with CUDA graphs (about 4 minutes)
+#       pretrain.py's own img/s (compiled, bf16), then the device path with CUDA graphs (--compile-mode
+#       reduce-overhead) and at batch 2048, bench.py --loader beside them, then the model step alone at batch 256
+#       and 1024, compiled in the default mode and with CUDA graphs (about 6 minutes)
 # autotune (not in all): ViT-B/16 compiled at batch 256 and 384, then max-autotune at 256 (under 10 minutes)
 # default: the default command on CUDA (compile + AMP), whole, with its wall time
 # study: the glyphs study (results/study.py), the CPU preset in bf16: a study of its own (OUT/study), never mixed
@@ -14,7 +15,8 @@
 # curve: results/curve.py, none and linear-0.8 at the study's blr, 200 epochs of the GPU default recipe (batch 256,
 #        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from results/curve_glyphs (whose
 #        ckpt.pt.gz the call must carry), trains until BUDGET_S runs out, and sends back each arm's ckpt.pt.gz in
-#        15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into results/curve_glyphs/runs/<arm>/ckpt.pt.gz)
+#        15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into results/curve_glyphs/runs/<arm>/ckpt.pt.gz).
+#        CURVE_FLAGS adds runtime flags to pretrain.py (e.g. "--compile-mode reduce-overhead" if `fast` shows it pays)
 # Each stage has its own time limit, so one that overruns leaves the rest standing; study and curve get what is
 # left of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for packing the files.
 set -u
@@ -77,22 +79,26 @@ fi
 [ "$STAGES" = bench ] || [ "$STAGES" = mfu ] || $PY -c "import glyphs; glyphs.make_glyphs('train'); glyphs.make_glyphs('test')"  # the embedded data, cached once
 
 if want mfu && ! want bench; then
-stamp "mfu: ours compiled vs timm Block eager"
-timeout 200 $PY bench.py --compile $BENCH
+stamp "mfu: ours compiled vs timm Block eager, then our step's kernels ranked by GPU time"
+timeout 200 $PY bench.py --compile $BENCH --profile
 fi
 
 if want fast; then
-for PATH_FLAG in --device-data --no-device-data; do  # 48 steps an epoch; a log line every 12 (the first holds compiling)
-  LENGTH=$([ $PATH_FLAG = --device-data ] && echo "--epochs 3" || echo "--epochs 3 --max-steps 48")
-  stamp "fast: vit_m4_32, batch 1024, $PATH_FLAG ($LENGTH)"
-  timeout 150 $PY pretrain.py --alpha-schedule none --batch-size 1024 $LENGTH $PATH_FLAG \
-    --log-every 12 --out-dir "$OUT/fast$PATH_FLAG" $CAP | grep -E "img/s|done"
-done
+fast_run() {  # a name, then pretrain.py's flags; 48 steps an epoch at batch 1024, a log line every 12 (the first holds compiling)
+  stamp "fast: vit_m4_32, ${*:2}"
+  timeout 150 $PY pretrain.py --alpha-schedule none --epochs 3 --log-every 12 --out-dir "$OUT/fast-$1" "${@:2}" $CAP \
+    | grep -E "img/s|done"
+}
+fast_run device --batch-size 1024 --device-data
+fast_run loader --batch-size 1024 --no-device-data --max-steps 48
+fast_run graphs --batch-size 1024 --device-data --compile-mode reduce-overhead  # the launch-bound step's lever
+fast_run device-2048 --batch-size 2048 --device-data  # the other: fewer launches per image
 timeout 60 $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
 stamp "fast: the vit_m4_32 step alone (synthetic batch), default compile and CUDA graphs (reduce-overhead)"
 for MODE in default reduce-overhead; do  # on the H100 the whole loop took 22 ms a step at batch 1024 and 30 at 256
   for B in 256 1024; do timeout 90 $PY bench.py --compile --compile-mode $MODE --model vit_m4_32 --batch-size $B --steps 50; done
 done
+timeout 90 $PY bench.py --compile --model vit_m4_32 --batch-size 1024 --steps 20 --profile | tail -22  # the kernels
 fi
 
 if want autotune; then  # not in `all`: compiling ViT-B/16 with max-autotune takes minutes
@@ -127,7 +133,7 @@ stamp "curve: 200 epochs, probe and rank every 25"
 timeout $(( DEADLINE - $(date +%s) )) $PY results/curve.py --out "$CURVE" --arms none linear-0.8 \
   --arm-blr none=1.5e-3 linear-0.8=1.5e-3 --epochs ${CURVE_EPOCHS:-200} --every ${CURVE_EVERY:-25} \
   --train-seconds $(( DEADLINE - $(date +%s) - 75 )) \
-  --pretrain-args="--workers 6 $CAP" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
+  --pretrain-args="--workers 6 $CAP ${CURVE_FLAGS:-}" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
 find "$CURVE" -name "ckpt_epoch*.pt" -delete  # measured: the JSONs hold them
 for run in "$CURVE"/runs/*; do
   [ -f "$run/ckpt.pt" ] && gzip -1 "$run/ckpt.pt" && split -b 15M "$run/ckpt.pt.gz" "$OUT/$(basename "$run").ckpt.pt.gz.part-" \

@@ -21,7 +21,7 @@ from einops import rearrange
 import data
 from model import MAE
 from common import (WORKERS, Parser, autocast, beside, fail, load_checkpoint, lr_at, non_negative_int, one_thread,
-                    pick_device, positive, positive_int, pyplot, save_json)
+                    pick_device, positive, positive_int, pyplot, save_figure, save_json)
 
 # Reference: SPEC section 5. MAE protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -220,7 +220,7 @@ def plot_accuracy(reports, path, title):
                      label=label, color=None if len(reports) == 1 else f"C{i}")
     plt.gca().set(xlabel="encoder block", ylabel="test accuracy (%)", title=title)
     plt.legend(fontsize=8)
-    plt.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(plt.gcf(), path)
     plt.close()
     print(f"plot -> {path}")
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 import data
-from common import Parser, beside, fail, non_negative_int, one_thread, pick_device, pyplot, save_json
+from common import Parser, beside, fail, non_negative_int, one_thread, pick_device, pyplot, save_figure, save_json
 from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "one image's tokens"}
@@ -83,7 +83,7 @@ def plot_ranks(results, path):
             ax.plot([r["layer"] for r in result["layers"]], [r[key] for r in result["layers"]], "o-", label=label)
         ax.set(title=f"effective rank: {title}", xlabel="encoder block")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     print(f"plot -> {path}")
 

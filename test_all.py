@@ -1183,6 +1183,25 @@ def test_public_weights_path(tmp_path):
     run(RANK, path, "--data", data.EMBEDDED, "--n", 32, "--n-tokens", 4)
 
 
+def test_saved_figures_are_256_colour_and_look_the_same(tmp_path):
+    """save_figure against matplotlib's own PNG of the same figure: palette mode, same size, pixels within a few
+    levels on average (measured 0.1 of 255 on this plot), and under half the bytes (measured 30%)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from PIL import Image
+    fig, ax = plt.subplots()
+    for i in range(6):
+        ax.plot(np.sin(np.linspace(0, 6, 200) + i), label=f"line {i}")
+    ax.legend()
+    fig.savefig(tmp_path / "plain.png", dpi=120, bbox_inches="tight")
+    common.save_figure(fig, tmp_path / "small.png")
+    plt.close(fig)
+    plain, small = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "small.png")
+    assert small.mode == "P" and small.size == plain.size
+    diff = np.abs(np.asarray(plain.convert("RGB"), float) - np.asarray(small.convert("RGB"), float))
+    assert diff.mean() < 2, diff.mean()
+    assert (tmp_path / "small.png").stat().st_size < (tmp_path / "plain.png").stat().st_size / 2
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 def test_bench_smoke():

@@ -22,6 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from study import ARMS, machine, probe_summary, sh  # noqa: E402
 
+from common import save_figure  # noqa: E402  (study put the repository root on the path)
+
 
 def train(name, args, extra):
     """Pretrain (or go on with) one arm, in <out>/runs/<name>."""
@@ -109,7 +111,7 @@ def figure(curves, out, heading):
         ax.legend()
     fig.suptitle(heading)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curve.png"), dpi=110)
+    save_figure(fig, os.path.join(out, "curve.png"), dpi=110)
     print("figure:", os.path.join(out, "curve.png"))
 
 

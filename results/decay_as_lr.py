@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study import machine, sh  # noqa: E402
 
-from probe import pyplot  # noqa: E402
+from common import pyplot, save_figure  # noqa: E402
 
 FORMS = {"decayed": ["--alpha-schedule", "linear"], "decay as lr": ["--alpha-schedule", "linear", "--decay-as-lr"],
          "residual": ["--alpha-schedule", "none"]}
@@ -57,7 +57,7 @@ def main():
     plt.gca().set(xlabel="optimizer step", ylabel="training loss (masked patches)",
                   title="decayed shortcuts = residual net with per-layer learning rates")
     plt.legend(fontsize=8)
-    plt.savefig(os.path.join(args.out, "overlay.png"), dpi=120, bbox_inches="tight")
+    save_figure(plt.gcf(), os.path.join(args.out, "overlay.png"))
     print(f"plot -> {os.path.join(args.out, 'overlay.png')}")
 
 

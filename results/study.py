@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from common import SEED, positive, positive_int  # noqa: E402
+from common import SEED, positive, positive_int, save_figure  # noqa: E402
 
 ARMS = {  # name: pretrain.py flags; "best" stands for the best linear arm's alpha_min
     "none": ["--alpha-schedule", "none"],
@@ -183,7 +183,7 @@ def figure(rows, table, out):
     axes[3].set(title="sweep: validation LP at the picked block (%)", xlabel="blr", xscale="log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "study.png"), dpi=110)
+    save_figure(fig, os.path.join(out, "study.png"), dpi=110)
     print("figure:", os.path.join(out, "study.png"))
 
 

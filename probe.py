@@ -221,8 +221,6 @@ def plot_accuracy(reports, path, title):
     plt.gca().set(xlabel="encoder block", ylabel="test accuracy (%)", title=title)
     plt.legend(fontsize=8)
     save_figure(plt.gcf(), path)
-    plt.close()
-    print(f"plot -> {path}")
 
 
 def schedule_label(cfg):

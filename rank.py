@@ -76,16 +76,15 @@ def plot_ranks(results, path):
     if (plt := pyplot()) is None:
         return
     labels = [r["label"] for r in results]  # two runs of one schedule: tell them apart by path
-    labels = [f"{label} ({r['checkpoint']})" if labels.count(label) > 1 else label for label, r in zip(labels, results)]
-    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(13, 4))
+    labels = [f"{lab} ({r['checkpoint']})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, results)]
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(13, 4), layout="constrained")
     for ax, (key, title) in zip(axes, COLUMNS.items()):
         for result, label in zip(results, labels):
             ax.plot([r["layer"] for r in result["layers"]], [r[key] for r in result["layers"]], "o-", label=label)
-        ax.set(title=f"effective rank: {title}", xlabel="encoder block")
+        n_images = f"{results[0]['n_images']:,} test images"  # N in the column's name
+        ax.set(title=title.replace("N images", n_images), xlabel="encoder block", ylabel="effective rank")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2)
     save_figure(fig, path)
-    plt.close(fig)
-    print(f"plot -> {path}")
 
 
 def build_parser():

@@ -112,7 +112,6 @@ def figure(curves, out, heading):
     fig.suptitle(heading)
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "curve.png"), dpi=110)
-    print("figure:", os.path.join(out, "curve.png"))
 
 
 def main():

@@ -58,7 +58,6 @@ def main():
                   title="decayed shortcuts = residual net with per-layer learning rates")
     plt.legend(fontsize=8)
     save_figure(plt.gcf(), os.path.join(args.out, "overlay.png"))
-    print(f"plot -> {os.path.join(args.out, 'overlay.png')}")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,6 @@ def figure(rows, table, out):
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "study.png"), dpi=110)
-    print("figure:", os.path.join(out, "study.png"))
 
 
 def main():

@@ -144,8 +144,8 @@ def set_rng_states(states):
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
     np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] and torch.cuda.is_available():  # a checkpoint from a machine with more GPUs: the ones here
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):

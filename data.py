@@ -93,6 +93,9 @@ def _checked_folder(data):
         if not os.path.isdir(part) or not os.listdir(part):
             raise DataError(f"missing or empty data folder {part!r}: an ImageFolder root needs "
                             "train/ and val/, each with one folder of images per class")
+    train, val = (sorted(e.name for e in os.scandir(os.path.join(data, p)) if e.is_dir()) for p in ("train", "val"))
+    if train != val:  # else labels would silently mean other classes in val/
+        raise DataError(f"{data}: train/ and val/ need the same class folders; in one only: {sorted(set(train) ^ set(val))}")
     return data
 
 

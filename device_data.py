@@ -28,7 +28,11 @@ def random_resized_crops(gen, n, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 
 
 def crop_and_flip(images, top, left, h, w, flip, size):
     """uint8 images [n, C, H, W] -> float [n, 3, size, size] in 0..255: each one's box resampled to size x size
-    (bicubic), mirrored where flip is -1. Inside the box this is v2.functional.resized_crop."""
+    (bicubic), mirrored where flip is -1. Inside the box this is v2.functional.resized_crop with antialias=False:
+    grid_sample's bicubic (a = -0.75) without low-pass filtering. torchvision's default, which the DataLoader path
+    uses, is antialias=True (a = -0.5, filtered when shrinking): a few levels of 255 apart when a box is enlarged,
+    as on the 32 px sets at 32 px, but aliased when a box is shrunk (e.g. STL-10's 96 px into a 32 px preset: use
+    --no-device-data there)."""
     height, width = images.shape[-2:]
     theta = torch.zeros(len(images), 2, 3, device=images.device)  # output [-1, 1] -> the box, in grid_sample's units
     theta[:, 0, 0], theta[:, 0, 2] = flip * w / width, (2 * left + w) / width - 1
@@ -50,7 +54,7 @@ class DeviceBatches:
 
     def batch(self, index, seed, epoch, micro, n_patches, rank=0, world=1):
         """index: the global micro-batch's items; returns this rank's share: (images, mask noise)."""
-        gen = torch.Generator(self.device).manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + micro)
+        gen = torch.Generator(self.device).manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + micro) % 2**64)
         n, (height, width) = len(index), self.images.shape[-2:]
         boxes = random_resized_crops(gen, n, height, width)
         flip = torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)

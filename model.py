@@ -391,7 +391,8 @@ def from_timm(state, heads=None):
     grid = math.isqrt(pos.shape[1] - 1) if pos is not None else 224 // p
     depth = len({k.split(".")[1] for k in enc if k.startswith("blocks.")})
     cfg = MAEConfig(img_size=grid * p, patch_size=p, in_chans=in_chans, width=width, depth=depth,
-                    heads=heads or width // 64, mlp_ratio=enc["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                    heads=heads or {1280: 16}.get(width, width // 64),  # 64 channels a head; ViT-H: 80
+                    mlp_ratio=enc["blocks.0.mlp.fc1.weight"].shape[0] / width,
                     alpha_schedule="none", decoder_skips=False, encoder_norm="norm.weight" in enc)
     enc["patch_embed.weight"] = rearrange(conv, "d c p1 p2 -> d (p1 p2 c)")
     enc["patch_embed.bias"] = enc.pop("patch_embed.proj.bias")

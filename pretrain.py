@@ -191,16 +191,16 @@ def fill_defaults(args, device):
         args.warmup_epochs = 0.05 * args.epochs
 
 
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
+def setup_distributed(device):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process on `device`."""
     if "RANK" not in os.environ:
-        return 0, 1, None
+        return 0, 1, device
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     local = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
         torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), (torch.device("cuda", local) if backend == "nccl" else None)
+    return dist.get_rank(), dist.get_world_size(), (torch.device("cuda", local) if backend == "nccl" else device)
 
 
 def build(args, world):
@@ -209,6 +209,8 @@ def build(args, world):
         fail(f"batch size {args.batch_size} must be a positive multiple of the {world} processes")
     if args.device_data and args.data not in data.DATASETS:
         fail(f"--device-data takes the named in-memory sets ({', '.join(data.DATASETS)}), not a folder of files")
+    if args.compile_mode == "reduce-overhead" and args.accum_steps > 1:  # a replay would overwrite the summed grads
+        fail("--compile-mode reduce-overhead cannot accumulate gradients: use --accum-steps 1 or another mode")
     cfg = model_config(args)
     try:
         train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True,
@@ -245,8 +247,7 @@ def main(argv=None):
     device = pick_device(args.device)
     fill_defaults(args, device)
     cfg, train_set, held_out = build(args, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world, ddp_device = setup_distributed()  # only once every input has been checked
-    device = ddp_device or device
+    rank, world, device = setup_distributed(device)  # only once every input has been checked
     if rank == 0:
         prepare_out_dir(args.out_dir)
         print(f"model {args.model}: {cfg.depth} blocks x {cfg.width} wide, {cfg.img_size} px, patch {cfg.patch_size}; "
@@ -279,7 +280,6 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     runner = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     runner = torch.compile(runner, mode=args.compile_mode) if args.compile else runner
 
-    micro = args.batch_size // world
     steps_per_epoch = len(train_set) // (args.batch_size * args.accum_steps)
     planned = args.epochs * steps_per_epoch
     total = min(planned, args.max_steps or planned)
@@ -310,15 +310,15 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                        for b, index in enumerate(order.view(-1, args.batch_size)))
         else:
             order = epoch_order(len(items), args.seed, epoch, first, args.batch_size, args.accum_steps, rank, world)
-            batches = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=micro,
-                                                  num_workers=args.workers, pin_memory=cuda)
+            batches = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=args.batch_size // world,
+                                                  num_workers=args.workers, pin_memory=cuda)  # this process's share
         for i, (imgs, noise) in enumerate(batches):
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             last_micro = (i + 1) % args.accum_steps == 0
-            sync = contextlib.nullcontext() if last_micro or world == 1 else runner.no_sync()
-            with sync, autocast(device):
+            no_sync = contextlib.nullcontext if last_micro or world == 1 else runner.no_sync  # a fresh one per use
+            with no_sync(), autocast(device):
                 loss = runner(imgs, noise=noise)[0]
-            with sync:
+            with no_sync():
                 scaler.scale(loss / args.accum_steps).backward()
             loss_sum += loss.detach() / args.accum_steps
             if not last_micro:
@@ -327,7 +327,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer_step(optimizer, scaler)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)  # no host sync
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)  # every micro-batch; no sync
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
             log_now = step % args.log_every == 0 or end_of_epoch

@@ -584,6 +584,7 @@ def test_device_batch_resamples_like_torchvision_and_slices_per_rank():
     halves = [fast.batch(index, 7, 2, 5, 64, rank, 2) for rank in (0, 1)]
     assert torch.allclose(torch.cat([h[0] for h in halves]), whole, atol=1e-6)
     assert torch.equal(torch.cat([h[1] for h in halves]), noise)
+    fast.batch(index, 2**32 - 1, 799, 10**6, 64)  # the largest seed, late in a long run: still a valid generator seed
     assert torch.equal(fast.batch(index, 7, 2, 5, 64)[0], whole)  # seeded: the same draws again
     assert not torch.equal(fast.batch(index, 7, 2, 6, 64)[1], noise)  # the next micro-batch draws anew
 
@@ -704,14 +705,15 @@ pretrain.main(sys.argv[2:])
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    """Same global batch of 16, same masks: the two ranks' items are disjoint halves of each one-process batch,
-    and the all-reduced gradient equals the one-process gradient at each of 4 steps (zero-initialised branches
+    """Same global batch of 16, as two accumulated micro-batches of 8 (DDP's no_sync path), same masks: the two
+    ranks' items are disjoint halves of each one-process micro-batch, and the all-reduced gradient equals the
+    one-process gradient at each of 4 steps (zero-initialised branches
     leave only decoder_pred with a gradient at step 1; by step 4 nearly every parameter has one). Weights after
     AdamW steps are a weak check: Adam's step ignores the gradient's scale, except through its eps."""
     recorder = tmp_path / "recorder.py"
     recorder.write_text(RECORDER.format(here=HERE))
     root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)  # 64 images, 4 steps: cheaper than the embedded set
-    common = ["--model", "vit_p4_32", "--data", root, "--max-steps", 4, "--batch-size", 16, "--blr", 1e-3]
+    common = ["--model", "vit_p4_32", "--data", root, "--max-steps", 4, "--batch-size", 8, "--accum-steps", 2, "--blr", 1e-3]
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     run(recorder, tmp_path / "one", *common, "--out-dir", tmp_path / "one")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -722,8 +724,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     one, rank0, rank1 = (torch.tensor(json.loads((tmp_path / d / f"order{r}.json").read_text())[0])
                          for d, r in (("one", 0), ("two", 0), ("two", 1)))
     assert not set(rank0.tolist()) & set(rank1.tolist())
-    halves = torch.cat([rank0.view(-1, 8), rank1.view(-1, 8)], dim=1)  # micro-batch b of each rank, side by side
-    assert torch.equal(halves.sort(dim=1).values, one.view(-1, 16).sort(dim=1).values)  # together: batch b
+    halves = torch.cat([rank0.view(-1, 4), rank1.view(-1, 4)], dim=1)  # micro-batch b of each rank, side by side
+    assert torch.equal(halves.sort(dim=1).values, one.view(-1, 8).sort(dim=1).values)  # together: micro-batch b
     model = M.MAE(M.preset("vit_p4_32"))
     names = {id(p): n for n, p in model.named_parameters()}
     names = [names[id(p)] for group in pretrain.param_groups(model, 0.05) for p in group["params"]]
@@ -820,6 +822,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--data imagenett", "unknown dataset 'imagenett'"),
     (PRETRAIN, "--data {tmp}/nowhere", "missing or empty data folder"),
     (PRETRAIN, "--data {tmp}/empty", "missing or empty data folder"),
+    (PRETRAIN, "--data {tmp}/mismatched", "train/ and val/ need the same class folders; in one only: ['cat', 'dog']"),
+    (PRETRAIN, "--compile-mode reduce-overhead --accum-steps 2", "--compile-mode reduce-overhead cannot accumulate"),
     (PRETRAIN, "--resume {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),
     (PRETRAIN, "--resume --out-dir {run} --alpha-min 0.7", "flags do not fit the checkpoint"),
@@ -868,6 +872,8 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
         pytest.skip("this machine has CUDA")
     tmp = finished_run
     os.makedirs(tmp / "empty" / "train", exist_ok=True)
+    for split, cls in (("train", "cat"), ("val", "dog")):
+        os.makedirs(tmp / "mismatched" / split / cls, exist_ok=True)
     (tmp / "notes.txt").write_text("not a checkpoint")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")
     before = snapshot(tmp)
@@ -1168,6 +1174,12 @@ def test_probe_and_rank_end_to_end(finished_run):
     run(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt)  # as probe.py: its own file, rank.json kept
     both = json.load(open(finished_run / "run" / "rank_compare.json"))["checkpoints"]
     assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
+
+
+def test_public_vit_h_weights_get_16_heads():
+    """Public ViTs have 64 channels a head, except ViT-H (1280 wide, 16 heads of 80): a width alone must say so."""
+    source = M.MAE(M.preset("vit_p4_32", width=1280, depth=1, heads=16, alpha_schedule="none", decoder_skips=False))
+    assert M.from_timm(timm_layout(source)).config.heads == 16
 
 
 def test_public_weights_path(tmp_path):

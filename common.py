@@ -66,6 +66,14 @@ WORKERS = whole(0, 256)  # data loader processes
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead replays CUDA graphs
 
 
+def json_file(text):
+    """--out of probe.py and rank.py: a .json path that is not a folder (its plot goes beside it as .png), so a
+    slip can never write over a checkpoint or a picture."""
+    if not text.endswith(".json") or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"needs a file name ending in .json, got {text!r}")
+    return text
+
+
 # ---- device
 
 def pick_device(name="auto"):

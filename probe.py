@@ -20,8 +20,8 @@ from einops import rearrange
 
 import data
 from model import MAE
-from common import (WORKERS, Parser, autocast, beside, fail, load_checkpoint, lr_at, non_negative_int, one_thread,
-                    pick_device, positive, positive_int, pyplot, save_figure, save_json)
+from common import (WORKERS, Parser, autocast, beside, fail, json_file, load_checkpoint, lr_at, non_negative_int,
+                    one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json)
 
 # Reference: SPEC section 5. MAE protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -260,7 +260,7 @@ def build_parser():
     a("--n-test", type=non_negative_int, default=1500, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--epochs", type=positive_int, default=PROBE["epochs"], help="linear-probe epochs (default %(default)s)")
     a("--lr", type=positive, default=PROBE["lr"], help="linear-probe AdamW learning rate (default %(default)s)")
-    a("--out", help="JSON path (default: probe.json beside the checkpoint, probe_compare.json with --compare)")
+    a("--out", type=json_file, help="JSON path (default: probe.json beside the checkpoint, probe_compare.json with --compare)")
     return parser
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 import data
-from common import Parser, beside, fail, non_negative_int, one_thread, pick_device, pyplot, save_figure, save_json
+from common import Parser, beside, fail, json_file, non_negative_int, one_thread, pick_device, pyplot, save_figure, save_json
 from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "one image's tokens"}
@@ -94,7 +94,7 @@ def build_parser():
     a("--n", type=non_negative_int, default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--n-tokens", type=non_negative_int, default=512,
       help="of those, images whose own token matrices are ranked (default %(default)s)")
-    a("--out", help="JSON path (default: rank.json beside the checkpoint, rank_compare.json with --compare; the PNG beside it)")
+    a("--out", type=json_file, help="JSON path (default: rank.json beside the checkpoint, rank_compare.json with --compare)")
     return parser
 
 

@@ -846,6 +846,9 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (RANK, "{tmp}/notes.txt", "is not a checkpoint"),
     (RANK, "{run}/ckpt.pt --data {tmp}/empty", "missing or empty data folder"),
     (RANK, "{run}/ckpt.pt --n -5", "--n"),
+    (RANK, "{run}/ckpt.pt --out {run}/ckpt.pt", "argument --out: needs a file name ending in .json"),  # not over the checkpoint
+    (PROBE, "{run}/ckpt.pt --out {run}", "argument --out: needs a file name ending in .json"),
+    (PROBE, "{run}/ckpt.pt --out {tmp}/probe.png", "argument --out"),
 ]
 
 

@@ -84,6 +84,10 @@ def pick_device(name="auto"):
             fail(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             fail(f"--device {name}: no CUDA device on this machine; use --device auto or cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            fail(f"--device {name}: MPS (Apple GPUs) is not available here; use --device auto or cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

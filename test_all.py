@@ -834,6 +834,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--keep-every -1", "argument --keep-every: needs a whole number >= 0"),
     (PRETRAIN, "--blr nan", "argument --blr: needs a finite number > 0, got 'nan'"),
     (PRETRAIN, "--device cuda:0", "--device cuda:0"),
+    (PRETRAIN, "--device mps", "--device mps: MPS (Apple GPUs) is not available here"),
     ("bench.py", "--loader --batch-size 40000", "--loader needs at least 2 batches of 40000 images"),
     ("bench.py", "--steps 0", "argument --steps: needs a whole number >= 1"),
     (PROBE, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
@@ -871,8 +872,8 @@ def refuse(script, arguments, tmp, in_process, monkeypatch=None, capsys=None):
 
 @pytest.mark.parametrize("script,arguments,needle", BAD_INPUTS, ids=[f"{s}:{a}" for s, a, _ in BAD_INPUTS])
 def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, monkeypatch, capsys):
-    if "cuda" in arguments and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    if ("cuda" in arguments and torch.cuda.is_available()) or ("mps" in arguments and torch.backends.mps.is_available()):
+        pytest.skip("this machine has the device")
     tmp = finished_run
     os.makedirs(tmp / "empty" / "train", exist_ok=True)
     for split, cls in (("train", "cat"), ("val", "dog")):

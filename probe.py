@@ -331,13 +331,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     paths = [args.checkpoint, *args.compare]
     alone = args.out if not args.compare and args.out else None
+    if args.compare and len({tuple(parse_layers(args.layers, load_model(p)[0].config.depth)) for p in paths}) > 1:
+        fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")  # before any file
     reports = []
     for path in paths:
         reports.append(probe_checkpoint(path, args, alone or beside(path, "probe.json")))
         args.data = args.data or reports[0]["data"]  # every checkpoint is probed on the first one's data
     if args.compare:
-        if len({tuple(row["layer"] for row in r["layers"]) for r in reports}) > 1:
-            fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")
         print_comparison(reports)
         out = save_json(args.out or beside(args.checkpoint, "probe_compare.json"), {"checkpoints": reports})
         plot_accuracy(reports, os.path.splitext(out)[0] + ".png", f"{reports[0]['data']}: mean pooling")

@@ -843,6 +843,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{run}/ckpt.pt --lr -1", "argument --lr"),
     (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers"),
     (PROBE, "{run}/ckpt.pt --data imagenett", "unknown dataset"),
+    (PROBE, "{run}/ckpt.pt --compare {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),  # run's probe.json kept
+    (PROBE, "{run}/ckpt.pt --compare {tmp}/shallow.pt", "--compare: the checkpoints have different depths"),
     (RANK, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (RANK, "{tmp}/notes.txt", "is not a checkpoint"),
     (RANK, "{run}/ckpt.pt --data {tmp}/empty", "missing or empty data folder"),
@@ -879,6 +881,8 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
     for split, cls in (("train", "cat"), ("val", "dog")):
         os.makedirs(tmp / "mismatched" / split / cls, exist_ok=True)
     (tmp / "notes.txt").write_text("not a checkpoint")
+    if not (tmp / "shallow.pt").exists():
+        torch.save(M.MAE(M.preset("vit_p4_32", depth=6)).checkpoint(), tmp / "shallow.pt")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")
     before = snapshot(tmp)
     code, err = refuse(script, fill(arguments), tmp, True, monkeypatch, capsys)

@@ -278,9 +278,8 @@ def probe_splits(name, img_size, root, args):
     return splits
 
 
-def probe_checkpoint(path, args, out):
+def probe_checkpoint(path, model, ckpt, args, out):
     start = time.time()
-    model, ckpt = load_model(path)
     cfg, device = model.config, pick_device(args.device)
     layers, (name, root) = parse_layers(args.layers, cfg.depth), data_source(ckpt, args, path)
     splits = probe_splits(name, cfg.img_size, root, args)
@@ -331,11 +330,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     paths = [args.checkpoint, *args.compare]
     alone = args.out if not args.compare and args.out else None
-    if args.compare and len({tuple(parse_layers(args.layers, load_model(p)[0].config.depth)) for p in paths}) > 1:
-        fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")  # before any file
+    loaded = [load_model(path) for path in paths]  # all of them, and their blocks checked, before any file is written
+    if len({tuple(parse_layers(args.layers, model.config.depth)) for model, _ in loaded}) > 1:
+        fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")
     reports = []
-    for path in paths:
-        reports.append(probe_checkpoint(path, args, alone or beside(path, "probe.json")))
+    for path, (model, ckpt) in zip(paths, loaded):
+        reports.append(probe_checkpoint(path, model, ckpt, args, alone or beside(path, "probe.json")))
         args.data = args.data or reports[0]["data"]  # every checkpoint is probed on the first one's data
     if args.compare:
         print_comparison(reports)

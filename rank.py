@@ -81,7 +81,7 @@ def plot_ranks(results, path):
     for ax, (key, title) in zip(axes, COLUMNS.items()):
         for result, label in zip(results, labels):
             ax.plot([r["layer"] for r in result["layers"]], [r[key] for r in result["layers"]], "o-", label=label)
-        ax.set(title=title.replace("N", f"{results[0]['n_images']:,} test"), xlabel="encoder block", ylabel="effective rank")
+        ax.set(title=title.replace("N images", f"{results[0]['n_images']:,} test images"), xlabel="encoder block", ylabel="effective rank")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2)
     save_figure(fig, path)
 

@@ -1213,8 +1213,7 @@ def test_saved_figures_are_256_colour_and_look_the_same(tmp_path):
         ax.plot(np.sin(np.linspace(0, 6, 200) + i), label=f"line {i}")
     ax.legend()
     fig.savefig(tmp_path / "plain.png", dpi=120, bbox_inches="tight")
-    common.save_figure(fig, tmp_path / "small.png")
-    plt.close(fig)
+    common.save_figure(fig, tmp_path / "small.png")  # closes the figure too
     plain, small = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "small.png")
     assert small.mode == "P" and small.size == plain.size
     diff = np.abs(np.asarray(plain.convert("RGB"), float) - np.asarray(small.convert("RGB"), float))

@@ -6,8 +6,10 @@
 # mfu: the compiled half of bench alone: ours compiled vs timm eager, one run, then a profile of our step (about 100 s)
 # fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed by
 #       pretrain.py's own img/s (compiled, bf16), then the device path with CUDA graphs (--compile-mode
-#       reduce-overhead) and at batch 2048, bench.py --loader beside them, then the model step alone at batch 256
-#       and 1024, compiled in the default mode and with CUDA graphs (about 6 minutes)
+#       reduce-overhead) and at batch 2048, bench.py --loader beside them (about 5 minutes); each run's steady img/s
+#       is the median of its log lines after the first
+# fast-step: the model step alone at batch 256 and 1024, compiled in the default mode and with CUDA graphs (bench.py),
+#       then its kernels ranked by GPU time (about 4 minutes)
 # autotune (not in all): ViT-B/16 compiled at batch 256 and 384, then max-autotune at 256 (under 10 minutes)
 # default: the default command on CUDA (compile + AMP), whole, with its wall time
 # study: the glyphs study (results/study.py), the CPU preset in bf16: a study of its own (OUT/study), never mixed
@@ -16,11 +18,12 @@
 #        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from results/curve_glyphs (whose
 #        ckpt.pt.gz the call must carry), trains until BUDGET_S runs out, and sends back each arm's ckpt.pt.gz in
 #        15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into results/curve_glyphs/runs/<arm>/ckpt.pt.gz).
-#        CURVE_FLAGS adds runtime flags to pretrain.py (e.g. "--compile-mode reduce-overhead" if `fast` shows it pays)
+#        CURVE_FLAGS adds runtime flags to pretrain.py (e.g. "--compile-mode reduce-overhead"); CURVE_FLAGS=auto takes
+#        that one if `fast`, run before it in the same call, saw CUDA graphs beat the default compile by 10%
 # Each stage has its own time limit, so one that overruns leaves the rest standing; study and curve get what is
 # left of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for packing the files.
 set -u
-OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast autotune default study curve}
+OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast fast-step autotune default study curve}
 STAGES=${2:-all}
 want() { { [ "$STAGES" = all ] && [ "$1" != autotune ]; } || [[ " $STAGES " == *" $1 "* ]]; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
@@ -30,6 +33,9 @@ QUICK=${QUICK:-0}  # QUICK=1: a tiny CPU dry run of this script's plumbing, no n
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu-${STAGES// /-}.log") 2>&1
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
+steady() {  # the median img/s of a run's log lines after the first (which holds compiling); epoch ends save ckpt.pt
+  grep -o "[0-9.]* img/s" "$1" | tail -n +2 | sort -n | awk '{v[NR]=$1} END {if (NR) printf "steady (median of %d): %.0f img/s\n", NR, v[int((NR+1)/2)]}'
+}
 
 stamp env
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null
@@ -87,13 +93,17 @@ if want fast; then
 fast_run() {  # a name, then pretrain.py's flags; 48 steps an epoch at batch 1024, a log line every 12 (the first holds compiling)
   stamp "fast: vit_m4_32, ${*:2}"
   timeout 150 $PY pretrain.py --alpha-schedule none --epochs 3 --log-every 12 --out-dir "$OUT/fast-$1" "${@:2}" $CAP \
-    | grep -E "img/s|done"
+    | grep -E "img/s|done" | tee "$OUT/fast-$1.txt"
+  steady "$OUT/fast-$1.txt"
 }
 fast_run device --batch-size 1024 --device-data
 fast_run loader --batch-size 1024 --no-device-data --max-steps 48
 fast_run graphs --batch-size 1024 --device-data --compile-mode reduce-overhead  # the launch-bound step's lever
 fast_run device-2048 --batch-size 2048 --device-data  # the other: fewer launches per image
 timeout 60 $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
+fi
+
+if want fast-step; then
 stamp "fast: the vit_m4_32 step alone (synthetic batch), default compile and CUDA graphs (reduce-overhead)"
 for MODE in default reduce-overhead; do  # on the H100 the whole loop took 22 ms a step at batch 1024 and 30 at 256
   for B in 256 1024; do timeout 90 $PY bench.py --compile --compile-mode $MODE --model vit_m4_32 --batch-size $B --steps 50; done
@@ -126,6 +136,11 @@ timeout $STUDY_S $PY results/study.py --out "$OUT/study" --jobs 10 $STUDY \
 fi
 
 if want curve; then  # the GPU default recipe, none and the study's best linear arm, each at its chosen blr
+if [ "${CURVE_FLAGS:-}" = auto ]; then  # CUDA graphs for the curve only if `fast` (this call) saw them pay by 10%
+  G=$(steady "$OUT/fast-graphs.txt" 2>/dev/null | grep -o "[0-9]* img/s" | grep -o "[0-9]*"); D=$(steady "$OUT/fast-device.txt" 2>/dev/null | grep -o "[0-9]* img/s" | grep -o "[0-9]*")
+  CURVE_FLAGS=$([ -n "$G" ] && [ -n "$D" ] && [ "$G" -gt $(( D * 11 / 10 )) ] && echo "--compile-mode reduce-overhead")
+  echo "curve flags: '${CURVE_FLAGS}' (graphs ${G:-?} vs default ${D:-?} img/s)"
+fi
 CURVE="$OUT/curve"
 mkdir -p "$CURVE" && cp -r results/curve_glyphs/. "$CURVE" 2>/dev/null  # an earlier loan's JSONs and ckpt.pt.gz
 for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
@@ -143,5 +158,9 @@ fi
 
 stamp "pack"
 find "$OUT" -name "ckpt*.pt" -delete
-tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" $(cd "$OUT" && ls -d default study curve fast* 2>/dev/null)
+PACKED=$(cd "$OUT" && ls -d default study curve fast* 2>/dev/null)
+# a reply brings back at most 8 files of 16 MiB: the log, this tar and the checkpoint parts (stop 22 lost a checkpoint
+# to that count), so what the tar holds is removed
+[ -n "$PACKED" ] && tar -czf "$OUT/gpu_results.tar.gz" -C "$OUT" $PACKED && (cd "$OUT" && rm -rf $PACKED)
+ls "$OUT"
 stamp done

@@ -10,7 +10,9 @@
 #       is the median of its log lines after the first
 # fast-step: the model step alone at batch 256 and 1024, compiled in the default mode and with CUDA graphs (bench.py),
 #       then its kernels ranked by GPU time (about 4 minutes)
-# autotune (not in all): ViT-B/16 compiled at batch 256 and 384, then max-autotune at 256 (under 10 minutes)
+# levers (not in all; run it after mfu, whose batch-256 row is its baseline): ViT-B/16 levers one at a time, each a
+#        bench.py run beside timm's eager MAE: batch 512, CUDA graphs at 256, both, then max-autotune at 256
+#        (about 100 s each, max-autotune several minutes; the order is the expected value, so a cut run keeps the best)
 # default: the default command on CUDA (compile + AMP), whole, with its wall time
 # study: the glyphs study (results/study.py), the CPU preset in bf16: a study of its own (OUT/study), never mixed
 #        with the fp32 CPU runs
@@ -23,9 +25,9 @@
 # Each stage has its own time limit, so one that overruns leaves the rest standing; study and curve get what is
 # left of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for packing the files.
 set -u
-OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast fast-step autotune default study curve}
+OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast fast-step levers default study curve}
 STAGES=${2:-all}
-want() { { [ "$STAGES" = all ] && [ "$1" != autotune ]; } || [[ " $STAGES " == *" $1 "* ]]; }
+want() { { [ "$STAGES" = all ] && [ "$1" != levers ]; } || [[ " $STAGES " == *" $1 "* ]]; }
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
 mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -82,7 +84,7 @@ rm -rf "$OUT/jpegs"
 
 fi
 
-[ "$STAGES" = bench ] || [ "$STAGES" = mfu ] || $PY -c "import glyphs; glyphs.make_glyphs('train'); glyphs.make_glyphs('test')"  # the embedded data, cached once
+{ want fast || want default || want study || want curve; } && $PY -c "import glyphs; glyphs.make_glyphs('train'); glyphs.make_glyphs('test')"  # the embedded data, cached once
 
 if want mfu && ! want bench; then
 stamp "mfu: ours compiled vs timm Block eager, then our step's kernels ranked by GPU time"
@@ -111,11 +113,12 @@ done
 timeout 90 $PY bench.py --compile --model vit_m4_32 --batch-size 1024 --steps 20 --profile | tail -22  # the kernels
 fi
 
-if want autotune; then  # not in `all`: compiling ViT-B/16 with max-autotune takes minutes
-stamp "bench compiled: batch 256 and 384 in the default mode, then batch 256 with max-autotune (issue 14's levers)"
-timeout 150 $PY bench.py --compile --model vit_b16 --batch-size 256 --steps 30
-timeout 150 $PY bench.py --compile --model vit_b16 --batch-size 384 --steps 30
-timeout 280 $PY bench.py --compile --compile-mode max-autotune --model vit_b16 --batch-size 256 --steps 30
+if want levers; then  # not in `all`: max-autotune compiles ViT-B/16 for minutes
+for LEVER in "--batch-size 512" "--batch-size 256 --compile-mode reduce-overhead" \
+             "--batch-size 512 --compile-mode reduce-overhead" "--batch-size 256 --compile-mode max-autotune"; do
+  stamp "levers: vit_b16 compiled, $LEVER"
+  timeout 280 $PY bench.py --compile --model vit_b16 --steps 30 $LEVER
+done
 fi
 
 if want default; then

@@ -3,10 +3,10 @@
     python results/curve.py --arms none linear-0.8 --arm-blr none=1.5e-3 linear-0.8=1.5e-3 --epochs 200 --every 25
 
 Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets probe.py (probe_eNNN.json) and rank.py
-(rank_eNNN.json). The summary (curve.json) and the figure (curve.png: last-block linear probe, best-block linear
-probe and last-block effective rank against epochs, with the raw-pixel floor of baselines.json) go to <out>.
+(rank_eNNN.json). The summary (curve.json) and the figure (curve.png: linear probe at the last and the best block,
+k-NN and effective rank at the last block, against epochs, with the raw-pixel floor of baselines.json) go to <out>.
 --train-seconds caps each pretraining: the checkpoints kept by then are still measured, and the next call resumes
-the run from its ckpt.pt (resume is exact, so a run split over calls, or over GPU loans, is one run). The curve is
+the run from its ckpt.pt (exact on CPU; on a GPU, up to the noise of its non-deterministic kernels). The curve is
 read from the JSON files, so a kept checkpoint can be deleted once measured; only ckpt.pt is needed to go on.
 """
 import argparse

@@ -12,7 +12,8 @@
 #       then its kernels ranked by GPU time (about 4 minutes)
 # levers (not in all; run it after mfu, whose batch-256 row is its baseline): ViT-B/16 levers one at a time, each a
 #        bench.py run beside timm's eager MAE: batch 512, CUDA graphs at 256, both, then max-autotune at 256
-#        (about 100 s each, max-autotune several minutes; the order is the expected value, so a cut run keeps the best)
+#        (about 100 s each, max-autotune several minutes; each within what is left of BUDGET_S, in order of expected
+#        value, so a short budget keeps the likeliest)
 # default: the default command on CUDA (compile + AMP), whole, with its wall time
 # study: the glyphs study (results/study.py), the CPU preset in bf16: a study of its own (OUT/study), never mixed
 #        with the fp32 CPU runs
@@ -20,9 +21,10 @@
 #        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from results/curve_glyphs (whose
 #        ckpt.pt.gz the call must carry), trains until BUDGET_S runs out, and sends back each arm's ckpt.pt.gz in
 #        15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into results/curve_glyphs/runs/<arm>/ckpt.pt.gz).
+#        A begun, unfinished arm whose checkpoint was not carried skips the stage (CURVE_FRESH=1: a new curve from 0).
 #        CURVE_FLAGS adds runtime flags to pretrain.py (e.g. "--compile-mode reduce-overhead"); CURVE_FLAGS=auto takes
 #        that one if `fast`, run before it in the same call, saw CUDA graphs beat the default compile by 10%
-# Each stage has its own time limit, so one that overruns leaves the rest standing; study and curve get what is
+# Each stage has its own time limit, so one that overruns leaves the rest standing; study, curve and levers get what is
 # left of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for packing the files.
 set -u
 OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast fast-step levers default study curve}
@@ -35,6 +37,7 @@ QUICK=${QUICK:-0}  # QUICK=1: a tiny CPU dry run of this script's plumbing, no n
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu-${STAGES// /-}.log") 2>&1
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
+left() { local s=$(( DEADLINE - $(date +%s) - ${1:-0} )); echo $(( s > 1 ? s : 1 )); }  # seconds to DEADLINE less $1
 steady() {  # the median img/s of a run's log lines after the first (which holds compiling); epoch ends save ckpt.pt
   grep -o "[0-9.]* img/s" "$1" | tail -n +2 | sort -n | awk '{v[NR]=$1} END {if (NR) printf "steady (median of %d): %.0f img/s\n", NR, v[int((NR+1)/2)]}'
 }
@@ -116,8 +119,9 @@ fi
 if want levers; then  # not in `all`: max-autotune compiles ViT-B/16 for minutes
 for LEVER in "--batch-size 512" "--batch-size 256 --compile-mode reduce-overhead" \
              "--batch-size 512 --compile-mode reduce-overhead" "--batch-size 256 --compile-mode max-autotune"; do
+  [ "$(left)" -ge 90 ] || { echo "levers: BUDGET_S spent, not run: $LEVER"; continue; }
   stamp "levers: vit_b16 compiled, $LEVER"
-  timeout 280 $PY bench.py --compile --model vit_b16 --steps 30 $LEVER
+  T=$(left); timeout $(( T < 280 ? T : 280 )) $PY bench.py --compile --model vit_b16 --steps 30 $LEVER
 done
 fi
 
@@ -131,7 +135,7 @@ fi
 
 if want study; then
 stamp "study: the CPU preset, 7 arms x (4 blr + 2 seeds), 10 runs at once"
-STUDY_S=$(( DEADLINE - $(date +%s) ))
+STUDY_S=$(left)
 echo "study time limit: $STUDY_S s"
 timeout $STUDY_S $PY results/study.py --out "$OUT/study" --jobs 10 $STUDY \
   --pretrain-args="--no-compile --workers 2 --batch-size 128 $CAP" --probe-args="--workers 1 $PROBE" --rank-args="--workers 1 $RANK" \
@@ -145,22 +149,29 @@ if [ "${CURVE_FLAGS:-}" = auto ]; then  # CUDA graphs for the curve only if `fas
   echo "curve flags: '${CURVE_FLAGS}' (graphs ${G:-?} vs default ${D:-?} img/s)"
 fi
 CURVE="$OUT/curve"
-mkdir -p "$CURVE" && cp -r results/curve_glyphs/. "$CURVE" 2>/dev/null  # an earlier loan's JSONs and ckpt.pt.gz
+mkdir -p "$CURVE"
+[ "${CURVE_FRESH:-0}" = 1 ] || cp -r results/curve_glyphs/. "$CURVE" 2>/dev/null  # an earlier loan's JSONs and ckpt.pt.gz
 for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
+UNCARRIED=$(for run in "$CURVE"/runs/*; do  # begun (a log), not finished, and no checkpoint: it would restart at 0
+  [ -f "$run/log.jsonl" ] && [ ! -f "$run/ckpt.pt" ] && [ ! -f "$run/probe_e${CURVE_EPOCHS:-200}.json" ] && basename "$run"; done)
+if [ -n "$UNCARRIED" ]; then
+  echo "curve: skipped: no ckpt.pt.gz carried for" $UNCARRIED "(carry them; or CURVE_FRESH=1 starts a new curve)"
+else
 stamp "curve: 200 epochs, probe and rank every 25"
-timeout $(( DEADLINE - $(date +%s) )) $PY results/curve.py --out "$CURVE" --arms none linear-0.8 \
+timeout $(left) $PY results/curve.py --out "$CURVE" --arms none linear-0.8 \
   --arm-blr none=1.5e-3 linear-0.8=1.5e-3 --epochs ${CURVE_EPOCHS:-200} --every ${CURVE_EVERY:-25} \
-  --train-seconds $(( DEADLINE - $(date +%s) - 75 )) \
+  --train-seconds $(left 75) \
   --pretrain-args="--workers 6 $CAP ${CURVE_FLAGS:-}" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
-find "$CURVE" -name "ckpt_epoch*.pt" -delete  # measured: the JSONs hold them
+find "$CURVE" -name "ckpt_epoch*.pt*" -delete  # measured: the JSONs hold them (.pt.tmpPID: a save cut short)
 for run in "$CURVE"/runs/*; do
   [ -f "$run/ckpt.pt" ] && gzip -1 "$run/ckpt.pt" && split -b 15M "$run/ckpt.pt.gz" "$OUT/$(basename "$run").ckpt.pt.gz.part-" \
     && rm "$run/ckpt.pt.gz"
 done
 fi
+fi
 
 stamp "pack"
-find "$OUT" -name "ckpt*.pt" -delete
+find "$OUT" -name "ckpt*.pt*" -delete  # with the .pt.tmpPID of a save a timeout cut short
 PACKED=$(cd "$OUT" && ls -d default study curve fast* 2>/dev/null)
 # a reply brings back at most 8 files of 16 MiB: the log, this tar and the checkpoint parts (stop 22 lost a checkpoint
 # to that count), so what the tar holds is removed

@@ -6,7 +6,7 @@
 # mfu: the compiled half of bench alone: ours compiled vs timm eager, one run, then a profile of our step (about 100 s)
 # fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed by
 #       pretrain.py's own img/s (compiled, bf16), then the device path with CUDA graphs (--compile-mode
-#       reduce-overhead) and at batch 2048, bench.py --loader beside them (about 5 minutes); each run's steady img/s
+#       reduce-overhead) and at batch 2048, bench.py --loader beside them (under 4 minutes on the H100); each run's steady img/s
 #       is the median of its log lines after the first
 # fast-step: the model step alone at batch 256 and 1024, compiled in the default mode and with CUDA graphs (bench.py),
 #       then its kernels ranked by GPU time (about 4 minutes)
@@ -38,8 +38,8 @@ export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu-${STAGES// /-}.log") 2>&1
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
 left() { local s=$(( DEADLINE - $(date +%s) - ${1:-0} )); echo $(( s > 1 ? s : 1 )); }  # seconds to DEADLINE less $1
-steady() {  # the median img/s of a run's log lines after the first (which holds compiling); epoch ends save ckpt.pt
-  grep -o "[0-9.]* img/s" "$1" | tail -n +2 | sort -n | awk '{v[NR]=$1} END {if (NR) printf "steady (median of %d): %.0f img/s\n", NR, v[int((NR+1)/2)]}'
+steady() {  # the median img/s of a run's log lines after the first (which holds compiling); empty if none
+  grep -o "[0-9.]* img/s" "$1" 2>/dev/null | tail -n +2 | sort -n | awk '{v[NR]=$1} END {if (NR) printf "%.0f\n", v[int((NR+1)/2)]}'
 }
 
 stamp env
@@ -99,7 +99,7 @@ fast_run() {  # a name, then pretrain.py's flags; 48 steps an epoch at batch 102
   stamp "fast: vit_m4_32, ${*:2}"
   timeout 150 $PY pretrain.py --alpha-schedule none --epochs 3 --log-every 12 --out-dir "$OUT/fast-$1" "${@:2}" $CAP \
     | grep -E "img/s|done" | tee "$OUT/fast-$1.txt"
-  steady "$OUT/fast-$1.txt"
+  echo "steady: $(steady "$OUT/fast-$1.txt") img/s (median of the log lines after the first)"
 }
 fast_run device --batch-size 1024 --device-data
 fast_run loader --batch-size 1024 --no-device-data --max-steps 48
@@ -144,7 +144,7 @@ fi
 
 if want curve; then  # the GPU default recipe, none and the study's best linear arm, each at its chosen blr
 if [ "${CURVE_FLAGS:-}" = auto ]; then  # CUDA graphs for the curve only if `fast` (this call) saw them pay by 10%
-  G=$(steady "$OUT/fast-graphs.txt" 2>/dev/null | grep -o "[0-9]* img/s" | grep -o "[0-9]*"); D=$(steady "$OUT/fast-device.txt" 2>/dev/null | grep -o "[0-9]* img/s" | grep -o "[0-9]*")
+  G=$(steady "$OUT/fast-graphs.txt"); D=$(steady "$OUT/fast-device.txt")
   CURVE_FLAGS=$([ -n "$G" ] && [ -n "$D" ] && [ "$G" -gt $(( D * 11 / 10 )) ] && echo "--compile-mode reduce-overhead")
   echo "curve flags: '${CURVE_FLAGS}' (graphs ${G:-?} vs default ${D:-?} img/s)"
 fi
@@ -162,7 +162,6 @@ timeout $(left) $PY results/curve.py --out "$CURVE" --arms none linear-0.8 \
   --arm-blr none=1.5e-3 linear-0.8=1.5e-3 --epochs ${CURVE_EPOCHS:-200} --every ${CURVE_EVERY:-25} \
   --train-seconds $(left 75) \
   --pretrain-args="--workers 6 $CAP ${CURVE_FLAGS:-}" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
-find "$CURVE" -name "ckpt_epoch*.pt*" -delete  # measured: the JSONs hold them (.pt.tmpPID: a save cut short)
 for run in "$CURVE"/runs/*; do
   [ -f "$run/ckpt.pt" ] && gzip -1 "$run/ckpt.pt" && split -b 15M "$run/ckpt.pt.gz" "$OUT/$(basename "$run").ckpt.pt.gz.part-" \
     && rm "$run/ckpt.pt.gz"
@@ -171,7 +170,7 @@ fi
 fi
 
 stamp "pack"
-find "$OUT" -name "ckpt*.pt*" -delete  # with the .pt.tmpPID of a save a timeout cut short
+find "$OUT" -name "ckpt*.pt*" -delete  # kept checkpoints (measured: the JSONs hold them), .pt.tmpPID of a cut save
 PACKED=$(cd "$OUT" && ls -d default study curve fast* 2>/dev/null)
 # a reply brings back at most 8 files of 16 MiB: the log, this tar and the checkpoint parts (stop 22 lost a checkpoint
 # to that count), so what the tar holds is removed

@@ -162,6 +162,9 @@ def parse_args(argv=None):
 def resolve_resume(args, given):
     """Merge the checkpoint's run flags into args; returns the checkpoint or None."""
     if args.resume is None:
+        if os.path.isfile(os.path.join(args.out_dir, "ckpt.pt")):  # a new run would overwrite it
+            fail(f"--out-dir {args.out_dir} already holds a run (ckpt.pt): add --resume to go on with it, "
+                 "or choose another --out-dir")
         return None
     path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.isfile(path):
@@ -218,6 +221,9 @@ def build(args, world):
         held_out = data.get_dataset(args.data, "test", cfg.img_size, train_aug=False, root=args.data_root)
     except data.DataError as e:
         fail(str(e))
+    if args.warmup_epochs > args.epochs:
+        fail(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): "
+             "the lr would never reach its peak")
     if len(train_set) < args.batch_size * args.accum_steps:
         fail(f"{len(train_set)} training images are fewer than one effective batch; lower --batch-size")
     return cfg, train_set, held_out
@@ -331,9 +337,9 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
             log_now = step % args.log_every == 0 or end_of_epoch
-            save_now = master and (end_of_epoch or (args.save_every and step % args.save_every == 0))
+            save_now = end_of_epoch or (args.save_every and step % args.save_every == 0)  # alike on every rank
             if log_now or save_now:  # the only host syncs of the loop
-                stop_if_not_finite(bad_step, lr, ckpt_path)
+                stop_if_not_finite(bad_step, lr, ckpt_path, master, world)
             if log_now:
                 now = time.time()
                 img_s = (step - steps_at_log) * args.batch_size * args.accum_steps / (now - t_log)
@@ -347,7 +353,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                         f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
                 loss_sum.zero_()
                 t_log, steps_at_log = time.time(), step
-            if save_now:
+            if save_now and master:
                 save(model, optimizer, scaler, args, epoch, step, ckpt_path)
                 if end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0:
                     save(model, optimizer, scaler, args, epoch, step, os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt"))
@@ -367,11 +373,17 @@ def optimizer_step(optimizer, scaler):
     optimizer.zero_grad(set_to_none=True)
 
 
-def stop_if_not_finite(bad_step, lr, ckpt_path):
-    if bad_step.item() >= 0:
+def stop_if_not_finite(bad_step, lr, ckpt_path, master, world):
+    """Every process stops at the same check, before anything is saved. A loss that turns non-finite on one
+    process reaches the other processes' weights one step later, so they agree on the first bad step."""
+    first = torch.where(bad_step < 0, 2**62, bad_step)
+    if world > 1:
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if first.item() < 2**62:
         last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
-        print(f"error: loss became non-finite at step {bad_step.item()} (lr {lr:.2e}); stopping; {last}; "
-              "try a lower --blr or a larger --alpha-min", file=sys.stderr)
+        if master:
+            print(f"error: loss became non-finite at step {first.item()} (lr {lr:.2e}); stopping; {last}; "
+                  "try a lower --blr or a larger --alpha-min", file=sys.stderr)
         sys.exit(1)
 
 

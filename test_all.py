@@ -738,6 +738,36 @@ def test_two_process_ddp_matches_one_process(tmp_path):
             assert diff <= 1e-4 * g1.norm() + 1e-9, f"step {step}, {name}: {diff:.2e} off a gradient of norm {g1.norm():.2e}"
 
 
+POISON = """import os, sys
+sys.path.insert(0, {here!r})
+import model, pretrain
+forward, calls = model.MAE.forward, [0]
+
+def poisoned(self, *args, **kwargs):  # rank 1's 6th training step (step 5) gets a NaN loss; rank 0's stays finite
+    loss, pred, mask = forward(self, *args, **kwargs)
+    calls[0] += 1
+    return (loss * float("nan") if os.environ["RANK"] == "1" and calls[0] == 6 else loss), pred, mask
+
+model.MAE.forward = poisoned
+pretrain.main(sys.argv[1:])
+"""
+
+
+def test_ddp_stops_every_rank_before_saving_after_a_non_finite_loss_on_one(tmp_path):
+    """A NaN loss on rank 1 at step 5 reaches rank 0's weights through the all-reduce, while rank 0's own loss
+    is still finite: the checkpoint due after step 6 must not be written, so ckpt.pt stays the good one of step 3."""
+    (tmp_path / "poison.py").write_text(POISON.format(here=HERE))
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)
+    flags = ["--model", "vit_p4_32", "--data", root, "--max-steps", 8, "--batch-size", 8, "--save-every", 3,
+             "--log-every", 100, "--out-dir", tmp_path / "run"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29518", tmp_path / "poison.py", *map(str, flags)], capture_output=True, text=True,
+                            timeout=300, cwd=HERE)
+    assert result.returncode != 0 and "loss became non-finite at step 5" in result.stderr, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
 # ----------------------------------------------------------------------------- reliability
 
 import signal
@@ -792,8 +822,11 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out)
     before = (out / "ckpt.pt").read_bytes()
-    result = run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 30, "--batch-size", 8, "--blr", 1e12,
-                 "--warmup-epochs", 0, "--out-dir", out, check=False)
+    blown = torch.load(out / "ckpt.pt", weights_only=True)  # the same run, 28 steps more, from weights that overflow
+    blown["args"]["max_steps"] = 30
+    blown["model"]["encoder.patch_embed.weight"].fill_(1e38)
+    torch.save(blown, tmp_path / "blown.pt")
+    result = run("pretrain.py", "--resume", tmp_path / "blown.pt", "--out-dir", out, check=False)
     assert result.returncode == 1
     assert "non-finite at step" in result.stderr and "lr" in result.stderr and "untouched" in result.stderr
     assert (out / "ckpt.pt").read_bytes() == before
@@ -828,6 +861,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),
     (PRETRAIN, "--resume --out-dir {run} --alpha-min 0.7", "flags do not fit the checkpoint"),
     (PRETRAIN, "--resume --out-dir {tmp}/fresh", "nothing to resume in {tmp}/fresh"),
+    (PRETRAIN, "--out-dir {run}", "--out-dir {run} already holds a run (ckpt.pt): add --resume"),  # nothing overwritten
+    (PRETRAIN, "--epochs 3 --warmup-epochs 3.5", "--warmup-epochs 3.5 is longer than the run (3 epochs)"),
     (PRETRAIN, "--out-dir {tmp}/notes.txt/sub", "cannot write to --out-dir"),
     (PRETRAIN, "--batch-size 1 --env-world 2", "batch size 1 must be a positive multiple of the 2 processes"),
     (PRETRAIN, "--epochs zero", "argument --epochs: needs a whole number >= 1, got 'zero'"),

@@ -6,7 +6,7 @@ overlay each other and not the residual one (README, "Decay is a learning rate")
     python results/decay_as_lr.py --out /tmp/x --pretrain-args="--max-steps 100"      # a quick look
 
 Runs go to <out>/<form>/ (the default command plus the form's flags); overlay.png and overlay.json go to <out>. A
-run whose checkpoint exists is not rerun.
+run whose checkpoint exists is resumed (a finished one ends at once, untouched).
 """
 import argparse
 import json
@@ -36,8 +36,8 @@ def main():
     folders = {form: os.path.join(args.out, form.replace(" ", "_")) for form in FORMS}
 
     def train(form):
-        if not os.path.exists(os.path.join(folders[form], "ckpt.pt")):
-            sh("pretrain.py", *FORMS[form], "--out-dir", folders[form], *args.pretrain_args.split())
+        resume = ["--resume"] if os.path.exists(os.path.join(folders[form], "ckpt.pt")) else []  # ends at once if done
+        sh("pretrain.py", *FORMS[form], "--out-dir", folders[form], *args.pretrain_args.split(), *resume)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(train, FORMS))

@@ -90,7 +90,8 @@ def run(arm, flags, blr, seed, args):
         ckpt = os.path.join(out, "ckpt.pt")
         try:
             sh("pretrain.py", *flags, "--blr", blr, "--seed", seed, "--epochs", args.epochs, "--out-dir", out,
-               "--log-every", 100, *args.pretrain_args.split(), log=os.path.join(out, "pretrain.log"))
+               "--log-every", 100, *args.pretrain_args.split(), *(["--resume"] if os.path.exists(ckpt) else []),
+               log=os.path.join(out, "pretrain.log"))  # a run cut short before goes on where it stopped
             sh("probe.py", ckpt, *args.probe_args.split(), log=os.path.join(out, "probe.log"))
             sh("rank.py", ckpt, *args.rank_args.split(), log=os.path.join(out, "rank.log"))
         except subprocess.CalledProcessError as error:  # one failed run leaves the others standing

@@ -4,7 +4,8 @@
     python rank.py runs/none/ckpt.pt --compare runs/linear/ckpt.pt runs/exp/ckpt.pt
 
 Per block: the rank of the N x d matrix of cls tokens over N images, the same for the mean of patch tokens, and
-the mean over images of the rank of each image's own [1+n, d] token matrix. Matrices are not centred (as RankMe).
+the mean over images (--n-tokens of them, spread evenly over the sample) of the rank of each image's own [1+n, d]
+token matrix. Matrices are not centred (as RankMe).
 Every checkpoint sees the same seeded sample of the test split, so N is the same for all.
 """
 import math
@@ -41,14 +42,18 @@ def effective_ranks(matrices):
 
 
 def rank_profile(model, loader, device, n_token_images):
-    """One row per block: pooled-feature ranks over every image, token ranks averaged over the first n_token_images."""
-    token_sum, counted = torch.zeros(model.config.depth, dtype=torch.float64), [0]
+    """One row per block: pooled-feature ranks over every image, token ranks averaged over n_token_images spread
+    evenly over the loader's (the first ones of a class-sorted folder would be a few classes)."""
+    n = len(loader.dataset)
+    picked = set(range(n)) if n_token_images >= n else {j * n // n_token_images for j in range(n_token_images)}
+    token_sum, seen, counted = torch.zeros(model.config.depth, dtype=torch.float64), [0], [0]
 
     def add_token_ranks(tokens):  # one [b, 1+n, d] per block
-        take = min(len(tokens[0]), n_token_images - counted[0])
-        if take > 0:
-            token_sum.add_(torch.stack([effective_ranks(t[:take]).sum() for t in tokens]))
-            counted[0] += take
+        rows = [i for i in range(len(tokens[0])) if seen[0] + i in picked]
+        seen[0] += len(tokens[0])
+        if rows:
+            token_sum.add_(torch.stack([effective_ranks(t[rows]).sum() for t in tokens]))
+            counted[0] += len(rows)
 
     feats = extract_features(model, loader, device, range(1, model.config.depth + 1), on_tokens=add_token_ranks)
     cls, mean, a = effective_ranks(feats["cls"]), effective_ranks(feats["mean"]), model.alphas
@@ -93,7 +98,7 @@ def build_parser():
     a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints, in the same table and plot")
     a("--n", type=non_negative_int, default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--n-tokens", type=non_negative_int, default=512,
-      help="of those, images whose own token matrices are ranked (default %(default)s)")
+      help="of those, images (spread evenly) whose own token matrices are ranked (default %(default)s)")
     a("--out", type=json_file, help="JSON path (default: rank.json beside the checkpoint, rank_compare.json with --compare)")
     return parser
 
@@ -118,7 +123,7 @@ def main(argv=None):
         print_table(result)
     print(f"took {time.time() - start:.0f} s")
     out = save_json(args.out or beside(args.checkpoint, "rank_compare.json" if args.compare else "rank.json"), {
-        "data": name, "columns": COLUMNS, "sample": "seeded random sample of the test split (seed 0)",
+        "data": name, "columns": COLUMNS, "sample": "seeded random sample of the test split (seed 0); tokens: n_token_images evenly spaced in it",
         "checkpoints": results, "seconds": round(time.time() - start, 1)})
     plot_ranks(results, os.path.splitext(out)[0] + ".png")
 

@@ -1127,6 +1127,21 @@ def test_effective_rank_hand_computed_cases():
     assert rank.effective_ranks(x).item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-9)
 
 
+def test_token_ranks_come_from_images_spread_over_the_sample():
+    """Image i (a pixel holding i) has tokens of rank i + 1; 12 images in batches of 5. --n-tokens 4 must rank
+    images 0, 3, 6, 9 (mean rank 5.5), not the first four (2.5): a class-sorted folder starts with one class."""
+    class Ranked(torch.nn.Module):
+        config, alphas = M.preset("vit_p4_32", depth=1), [1.0, 1.0]
+
+        def features(self, imgs):
+            return [torch.stack([torch.diag((torch.arange(16) <= i).float()) for i in imgs.flatten().long()])]
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(12.0), torch.zeros(12)), 5)
+    for n_tokens, mean_rank in ((4, 5.5), (12, 6.5), (50, 6.5), (0, 0.0)):
+        rows, counted = rank.rank_profile(Ranked(), loader, torch.device("cpu"), n_tokens)
+        assert counted == min(n_tokens, 12) and rows[0]["tokens"] == pytest.approx(mean_rank), (n_tokens, rows)
+
+
 def clusters(n_per_class, n_classes, dim, spread, seed):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(99)) * 3

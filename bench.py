@@ -81,15 +81,49 @@ def seconds_per_step(model, device, imgs, steps, warmup):
     return (time.perf_counter() - start) / steps
 
 
-def profile_steps(model, device, imgs, rows=15):
-    """Our kernels ranked by their own time over 3 steps (after the timed ones, so compiling is done)."""
+# CUDA kernel names by kind, first match wins: Inductor names a fused kernel after the ops in it (a layout copy
+# before attention may say "attention"), its matmul templates are "triton_tem_..."; attention kernels may name
+# cutlass types; H100 cuBLAS kernels are "nvjet_..." or "sm90_xmma_gemm_...".
+INDUCTOR = "fused by Inductor (norms, activations, copies)"
+KINDS = (("triton_tem", "matmul"), ("triton", INDUCTOR), *((key, "attention") for key in ("flash", "fmha", "attention", "sdpa")),
+         *((key, "matmul") for key in ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("adam", "optimizer"))
+
+
+def time_by_kind(kernels):
+    """{kind: seconds} from (kernel name, seconds) pairs."""
+    by_kind = {}
+    for name, seconds in kernels:
+        kind = next((kind for key, kind in KINDS if key in name.lower()), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    return by_kind
+
+
+def describe_kinds(by_kind, step_seconds, flops_per_step, peak):
+    busy, dense = sum(by_kind.values()), by_kind.get("matmul", 0.0) + by_kind.get("attention", 0.0)
+    lines = [f"  GPU time by kind of kernel, per step: {busy * 1e3:.1f} ms busy in a {step_seconds * 1e3:.1f} ms step "
+             "(the step as timed above, without the profiler)"]
+    lines += [f"    {kind:<48} {seconds * 1e3:8.2f} ms {seconds / busy:6.1%}"
+              for kind, seconds in sorted(by_kind.items(), key=lambda item: -item[1])]
+    if peak and dense:
+        lines.append(f"  matmul and attention kernels alone would run at {flops_per_step / dense / peak:.1%} MFU: "
+                     "the ceiling if every other kernel took no time")
+    return lines
+
+
+def profile_steps(model, device, imgs, step_seconds, flops_per_step, peak, rows=15):
+    """Our kernels ranked by their own time over 3 steps (after the timed ones, so compiling is done); on CUDA
+    also that time by kind of kernel (time_by_kind)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler library's start-up chatter (read when it starts)
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         seconds_per_step(model, device, imgs, steps=3, warmup=0)
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    if cuda:  # kernel rows only: an op's row repeats the time of the kernels it launched
+        kernels = [(e.key, e.self_device_time_total / 3e6) for e in events if e.device_type == DeviceType.CUDA]
+        print("\n".join(describe_kinds(time_by_kind(kernels), step_seconds, flops_per_step, peak)))
 
 
 def bench_steps(args, cfg, device):
@@ -106,7 +140,7 @@ def bench_steps(args, cfg, device):
         variants.append(("timm Block, eager", timm_reference(cfg).to(device)))
     except ImportError:
         print("  (timm not installed: pip install timm to time the timm-based reference too)")
-    results = {}
+    results, seconds = {}, {}
     for label, model in variants:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -114,13 +148,13 @@ def bench_steps(args, cfg, device):
         img_s = args.batch_size / sec
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         mfu = f"{flops * img_s / peak:6.1%}" if peak else "   n/a"
-        results[label] = img_s
+        results[label], seconds[label] = img_s, sec
         print(f"  {label:<30} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem:.2f} GiB")
     if len(results) == 2:
         first, second = results.values()
         print(f"  ratio ours / timm reference: {first / second:.2f}x")
     if args.profile:
-        profile_steps(variants[0][1], device, imgs)
+        profile_steps(variants[0][1], device, imgs, seconds[label], flops * args.batch_size, peak)
     return results
 
 

@@ -1285,6 +1285,28 @@ def test_bench_smoke():
     assert set(os.listdir(HERE)) == before  # a benchmark writes nothing (no out/, no log)
 
 
+def test_profile_sorts_kernels_by_kind_and_bounds_mfu_by_hand():
+    """Kernel names of the forms an H100 trace of a compiled step shows (cuBLAS, flash and cuDNN attention, Inductor's
+    Triton kernels, fused AdamW), with made-up times in ms per step: 46 ms of matmul, 7 of attention, 8 fused by
+    Inductor, 3 of optimizer, 1 other, so 65 busy; 26.5 TFLOPs a step over the 53 ms of matmul and attention at
+    a 1 PFLOP/s peak is 50% MFU at most."""
+    kernels = [("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 30), ("triton_tem_fused_addmm_gelu_3", 6),
+               ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_execute_kernel__5x_cublas", 10),
+               ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, cutlass::bfloat16_t>>", 4),
+               ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", 2), ("triton_per_fused_native_layer_norm_7", 5),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128", 1),
+               ("triton_poi_fused__scaled_dot_product_flash_attention_backward_2", 3),
+               ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", 3),
+               ("Memcpy DtoD (Device -> Device)", 1)]
+    by_kind = bench.time_by_kind([(name, ms / 1e3) for name, ms in kernels])
+    expected = {"matmul": 46, "attention": 7, bench.INDUCTOR: 8, "optimizer": 3, "other": 1}
+    assert by_kind.keys() == expected.keys()
+    assert all(by_kind[kind] == pytest.approx(ms / 1e3) for kind, ms in expected.items())
+    lines = bench.describe_kinds(by_kind, 0.080, 26.5e12, 1e15)
+    assert "65.0 ms busy in a 80.0 ms step" in lines[0] and "matmul" in lines[1] and "70.8%" in lines[1]
+    assert "50.0% MFU" in lines[-1]
+
+
 # ----------------------------------------------------------------------------- the study's summary
 
 def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):

@@ -112,7 +112,7 @@ RUN_FLAGS = dict(model=None, img_size=None, alpha_schedule="linear", alpha_min=0
                  weight_decay=0.05, warmup_epochs=None, seed=0, device_data=None)
 # Flags free to change between a run and its resumption.
 RUNTIME_FLAGS = dict(out_dir="out", device="auto", compile=None, compile_mode=None, resume=None, workers=None,
-                     log_every=20, save_every=0, keep_every=0, download=False, data_root="./data")
+                     log_every=20, save_every=None, keep_every=0, download=False, data_root="./data")
 
 
 def build_parser():
@@ -149,7 +149,8 @@ def build_parser():
     a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
     a("--workers", type=WORKERS, help="data loader processes (default: 0 on CPU, 8 on GPU)")
     a("--log-every", type=positive_int, help="optimizer steps between log lines (default: 20)")
-    a("--save-every", type=non_negative_int, help="also checkpoint every N steps (default: 0, i.e. each epoch and at the end)")
+    a("--save-every", type=non_negative_int, help="checkpoint every N optimizer steps instead of at each epoch end; 0: "
+      "only at the end (default: each epoch end; the last step always)")
     a("--keep-every", type=non_negative_int, help="also keep ckpt_epochNNN.pt every N epochs, to probe the run's trajectory (default: 0, none)")
     return p
 
@@ -337,7 +338,8 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
             log_now = step % args.log_every == 0 or end_of_epoch
-            save_now = end_of_epoch or (args.save_every and step % args.save_every == 0)  # alike on every rank
+            every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
+            save_now = step == total or every  # alike on every rank
             if log_now or save_now:  # the only host syncs of the loop
                 stop_if_not_finite(bad_step, lr, ckpt_path, master, world)
             if log_now:
@@ -355,11 +357,11 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                 t_log, steps_at_log = time.time(), step
             if save_now and master:
                 save(model, optimizer, scaler, args, epoch, step, ckpt_path)
-                if end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0:
-                    save(model, optimizer, scaler, args, epoch, step, os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt"))
-                if end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
-                    reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
-                                        os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
+            if master and end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0:
+                save(model, optimizer, scaler, args, epoch, step, os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt"))
+            if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
+                reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
+                                    os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
             if step >= total:
                 break
     if master:

@@ -507,6 +507,20 @@ def read_log(folder):
     return [json.loads(line) for line in open(folder / "log.jsonl")]
 
 
+def test_save_every_replaces_the_epoch_end_checkpoints(tmp_path, monkeypatch):
+    """12 images, batch 4: 3 steps an epoch, 7 steps in all. ckpt.pt is written at each epoch end (steps 3, 6) and
+    at the last step by default, every N steps instead with --save-every N, only at the last step with 0; the
+    copies of --keep-every keep to their epochs whatever --save-every says."""
+    root, saved = write_png_folder(str(tmp_path / "imgs")), []
+    monkeypatch.setattr(pretrain, "save", lambda *args: saved.append((os.path.basename(args[-1]), args[-2])))
+    for flags, expected in (([], [3, 6, 7]), (["--save-every", 2], [2, 4, 6, 7]), (["--save-every", 0, "--keep-every", 2], [7])):
+        saved.clear()
+        pretrain_here("--model", "vit_p4_32", "--data", root, "--batch-size", 4, "--max-steps", 7, *flags,
+                      "--out-dir", tmp_path / f"run{len(flags)}")
+        assert [step for name, step in saved if name == "ckpt.pt"] == expected, flags
+    assert [(name, step) for name, step in saved if name != "ckpt.pt"] == [("ckpt_epoch002.pt", 6)]
+
+
 def test_logged_lr_follows_the_capped_schedule(tmp_path):
     """12 images, batch 4: 3 steps per epoch, 10 epochs planned (30 steps) with 5 of warm-up (15 steps), capped
     at 6 steps: the schedule shrinks to 6 steps with int(15 * 6 / 30) = 3 of warm-up. By hand, in units of the

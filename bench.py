@@ -154,7 +154,7 @@ def bench_steps(args, cfg, device):
         first, second = results.values()
         print(f"  ratio ours / timm reference: {first / second:.2f}x")
     if args.profile:
-        profile_steps(variants[0][1], device, imgs, seconds[label], flops * args.batch_size, peak)
+        profile_steps(variants[0][1], device, imgs, seconds[variants[0][0]], flops * args.batch_size, peak)
     return results
 
 

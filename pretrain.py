@@ -8,6 +8,7 @@ run, or one spread over several processes, sees exactly the images and masks of 
 """
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
@@ -146,7 +147,8 @@ def build_parser():
       "graphs) suits small models whose steps wait on kernel launches (default: torch's default)")
     a("--device-data", action=argparse.BooleanOptionalAction, help="keep the train set on the device and augment "
       "whole batches there (device_data.py; default: on CUDA for the named in-memory sets, else off)")
-    a("--resume", nargs="?", const="auto", help="continue a run: a ckpt.pt, or (no value) the one in --out-dir")
+    a("--resume", nargs="?", const="auto", help="continue a run: a checkpoint (the run goes on in its folder unless "
+      "--out-dir says otherwise), or (no value) the ckpt.pt in --out-dir")
     a("--workers", type=WORKERS, help="data loader processes (default: 0 on CPU, 8 on GPU)")
     a("--log-every", type=positive_int, help="optimizer steps between log lines (default: 20)")
     a("--save-every", type=non_negative_int, help="checkpoint every N optimizer steps instead of at each epoch end; 0: "
@@ -161,13 +163,20 @@ def parse_args(argv=None):
 
 
 def resolve_resume(args, given):
-    """Merge the checkpoint's run flags into args; returns the checkpoint or None."""
+    """Merge the checkpoint's run flags into args; returns the checkpoint or None. A run never writes over another
+    one's checkpoints: a new run needs a folder without any, a resumed one goes on in its checkpoint's folder."""
+    if args.resume not in (None, "auto") and "out_dir" not in given:
+        args.out_dir = os.path.dirname(args.resume) or "."
+    path = os.path.join(args.out_dir, "ckpt.pt") if args.resume in (None, "auto") else args.resume
+    held = sorted(glob.glob(os.path.join(glob.escape(args.out_dir), "ckpt*.pt")))
+    if held and args.resume is None:
+        fail(f"--out-dir {args.out_dir} already holds a run ({os.path.basename(held[0])}): add --resume to go on "
+             "with it, or choose another --out-dir")
+    if held and os.path.abspath(os.path.dirname(path)) != os.path.abspath(args.out_dir):
+        fail(f"--out-dir {args.out_dir} already holds another run ({os.path.basename(held[0])}): resuming {path} "
+             "there would write over it; choose another --out-dir")
     if args.resume is None:
-        if os.path.isfile(os.path.join(args.out_dir, "ckpt.pt")):  # a new run would overwrite it
-            fail(f"--out-dir {args.out_dir} already holds a run (ckpt.pt): add --resume to go on with it, "
-                 "or choose another --out-dir")
         return None
-    path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.isfile(path):
         fail(f"--resume: nothing to resume in {args.out_dir} (no ckpt.pt); start a new run without --resume")
     ckpt = load_checkpoint(path)
@@ -215,6 +224,9 @@ def build(args, world):
         fail(f"--device-data takes the named in-memory sets ({', '.join(data.DATASETS)}), not a folder of files")
     if args.compile_mode == "reduce-overhead" and args.accum_steps > 1:  # a replay would overwrite the summed grads
         fail("--compile-mode reduce-overhead cannot accumulate gradients: use --accum-steps 1 or another mode")
+    if args.warmup_epochs > args.epochs:
+        fail(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): "
+             "the lr would never reach its peak")
     cfg = model_config(args)
     try:
         train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True,
@@ -222,9 +234,6 @@ def build(args, world):
         held_out = data.get_dataset(args.data, "test", cfg.img_size, train_aug=False, root=args.data_root)
     except data.DataError as e:
         fail(str(e))
-    if args.warmup_epochs > args.epochs:
-        fail(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): "
-             "the lr would never reach its peak")
     if len(train_set) < args.batch_size * args.accum_steps:
         fail(f"{len(train_set)} training images are fewer than one effective batch; lower --batch-size")
     return cfg, train_set, held_out
@@ -340,6 +349,10 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             log_now = step % args.log_every == 0 or end_of_epoch
             every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
             save_now = step == total or every  # alike on every rank
+            keep_now = end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0
+            if save_now or keep_now:  # a finite loss can still leave non-finite weights (an overflowing gradient)
+                finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+                bad_step = torch.where((bad_step < 0) & ~finite, step - 1, bad_step)
             if log_now or save_now:  # the only host syncs of the loop
                 stop_if_not_finite(bad_step, lr, ckpt_path, master, world)
             if log_now:
@@ -357,7 +370,7 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                 t_log, steps_at_log = time.time(), step
             if save_now and master:
                 save(model, optimizer, scaler, args, epoch, step, ckpt_path)
-            if master and end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0:
+            if keep_now and master:
                 save(model, optimizer, scaler, args, epoch, step, os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt"))
             if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
@@ -384,8 +397,8 @@ def stop_if_not_finite(bad_step, lr, ckpt_path, master, world):
     if first.item() < 2**62:
         last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
         if master:
-            print(f"error: loss became non-finite at step {first.item()} (lr {lr:.2e}); stopping; {last}; "
-                  "try a lower --blr or a larger --alpha-min", file=sys.stderr)
+            print(f"error: the loss or the weights became non-finite at step {first.item()} (lr {lr:.2e}); stopping; "
+                  f"{last}; try a lower --blr or a larger --alpha-min", file=sys.stderr)
         sys.exit(1)
 
 

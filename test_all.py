@@ -777,7 +777,7 @@ def test_ddp_stops_every_rank_before_saving_after_a_non_finite_loss_on_one(tmp_p
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              "29518", tmp_path / "poison.py", *map(str, flags)], capture_output=True, text=True,
                             timeout=300, cwd=HERE)
-    assert result.returncode != 0 and "loss became non-finite at step 5" in result.stderr, result.stderr[-3000:]
+    assert result.returncode != 0 and "became non-finite at step 5" in result.stderr, result.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and all(v.isfinite().all() for v in ckpt["model"].values())
 
@@ -839,11 +839,42 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
     blown = torch.load(out / "ckpt.pt", weights_only=True)  # the same run, 28 steps more, from weights that overflow
     blown["args"]["max_steps"] = 30
     blown["model"]["encoder.patch_embed.weight"].fill_(1e38)
-    torch.save(blown, tmp_path / "blown.pt")
-    result = run("pretrain.py", "--resume", tmp_path / "blown.pt", "--out-dir", out, check=False)
+    torch.save(blown, out / "blown.pt")  # in the run's own folder: resuming it there is going back, not over
+    result = run("pretrain.py", "--resume", out / "blown.pt", check=False)
     assert result.returncode == 1
     assert "non-finite at step" in result.stderr and "lr" in result.stderr and "untouched" in result.stderr
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_saved(tmp_path, monkeypatch):
+    """An update that leaves an infinite weight although its loss was finite (an overflowing gradient), forced
+    here at the third of 5 steps with a checkpoint every step: the run stops before saving, at step 2 (0-based),
+    and ckpt.pt keeps the weights after step 2, all finite."""
+    step, calls = pretrain.optimizer_step, []
+
+    def overflowing_step(optimizer, scaler):
+        step(optimizer, scaler)
+        calls.append(1)
+        if len(calls) == 3:
+            optimizer.param_groups[0]["params"][0].data.fill_(float("inf"))
+
+    monkeypatch.setattr(pretrain, "optimizer_step", overflowing_step)
+    with pytest.raises(SystemExit) as stop:
+        pretrain_here("--model", "vit_p4_32", "--max-steps", 5, "--batch-size", 8, "--save-every", 1, "--out-dir", tmp_path)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert stop.value.code == 1 and ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def test_resume_from_a_checkpoint_goes_on_in_its_folder(tmp_path, monkeypatch):
+    """--resume PATH without --out-dir continues in PATH's folder (not in ./out): here a finished 2-step run, whose
+    copy asks for a third step, ends with that run's ckpt.pt at step 3."""
+    monkeypatch.chdir(tmp_path)
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "a")
+    more = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    more["args"]["max_steps"] = 3
+    torch.save(more, tmp_path / "a" / "ckpt_more.pt")
+    pretrain_here("--resume", tmp_path / "a" / "ckpt_more.pt")
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 3 and not (tmp_path / "out").exists()
 
 
 def snapshot(root):
@@ -876,6 +907,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--resume --out-dir {run} --alpha-min 0.7", "flags do not fit the checkpoint"),
     (PRETRAIN, "--resume --out-dir {tmp}/fresh", "nothing to resume in {tmp}/fresh"),
     (PRETRAIN, "--out-dir {run}", "--out-dir {run} already holds a run (ckpt.pt): add --resume"),  # nothing overwritten
+    (PRETRAIN, "--out-dir {tmp}/kept", "--out-dir {tmp}/kept already holds a run (ckpt_epoch002.pt)"),
+    (PRETRAIN, "--resume {tmp}/shallow.pt --out-dir {run}", "already holds another run (ckpt.pt): resuming"),
     (PRETRAIN, "--epochs 3 --warmup-epochs 3.5", "--warmup-epochs 3.5 is longer than the run (3 epochs)"),
     (PRETRAIN, "--out-dir {tmp}/notes.txt/sub", "cannot write to --out-dir"),
     (PRETRAIN, "--batch-size 1 --env-world 2", "batch size 1 must be a positive multiple of the 2 processes"),
@@ -930,6 +963,8 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
     for split, cls in (("train", "cat"), ("val", "dog")):
         os.makedirs(tmp / "mismatched" / split / cls, exist_ok=True)
     (tmp / "notes.txt").write_text("not a checkpoint")
+    os.makedirs(tmp / "kept", exist_ok=True)
+    (tmp / "kept" / "ckpt_epoch002.pt").write_bytes(b"a run's kept copy")
     if not (tmp / "shallow.pt").exists():
         torch.save(M.MAE(M.preset("vit_p4_32", depth=6)).checkpoint(), tmp / "shallow.pt")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")

@@ -350,11 +350,8 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
             save_now = step == total or every  # alike on every rank
             keep_now = end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0
-            if save_now or keep_now:  # a finite loss can still leave non-finite weights (an overflowing gradient)
-                finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-                bad_step = torch.where((bad_step < 0) & ~finite, step - 1, bad_step)
-            if log_now or save_now:  # the only host syncs of the loop
-                stop_if_not_finite(bad_step, lr, ckpt_path, master, world)
+            if log_now or save_now:  # the only host syncs of the loop; before a save the weights are checked too
+                stop_if_not_finite(bad_step, lr, ckpt_path, master, world, (model, step) if save_now or keep_now else None)
             if log_now:
                 now = time.time()
                 img_s = (step - steps_at_log) * args.batch_size * args.accum_steps / (now - t_log)
@@ -388,10 +385,16 @@ def optimizer_step(optimizer, scaler):
     optimizer.zero_grad(set_to_none=True)
 
 
-def stop_if_not_finite(bad_step, lr, ckpt_path, master, world):
+def stop_if_not_finite(bad_step, lr, ckpt_path, master, world, weights_after=None):
     """Every process stops at the same check, before anything is saved. A loss that turns non-finite on one
-    process reaches the other processes' weights one step later, so they agree on the first bad step."""
+    process reaches the other processes' weights one step later, so they agree on the first bad step. With
+    weights_after = (model, step), the weights are checked too: a finite loss can still leave non-finite
+    weights (an overflowing gradient), and those must never be saved."""
     first = torch.where(bad_step < 0, 2**62, bad_step)
+    if weights_after is not None:
+        model, step = weights_after
+        finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+        first = torch.where(finite, first, torch.clamp(first, max=step - 1))
     if world > 1:
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
     if first.item() < 2**62:

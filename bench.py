@@ -140,7 +140,7 @@ def bench_steps(args, cfg, device):
         variants.append(("timm Block, eager", timm_reference(cfg).to(device)))
     except ImportError:
         print("  (timm not installed: pip install timm to time the timm-based reference too)")
-    results, seconds = {}, {}
+    results = {}
     for label, model in variants:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -148,13 +148,13 @@ def bench_steps(args, cfg, device):
         img_s = args.batch_size / sec
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         mfu = f"{flops * img_s / peak:6.1%}" if peak else "   n/a"
-        results[label], seconds[label] = img_s, sec
+        results[label] = img_s
         print(f"  {label:<30} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem:.2f} GiB")
     if len(results) == 2:
         first, second = results.values()
         print(f"  ratio ours / timm reference: {first / second:.2f}x")
     if args.profile:
-        profile_steps(variants[0][1], device, imgs, seconds[variants[0][0]], flops * args.batch_size, peak)
+        profile_steps(variants[0][1], device, imgs, args.batch_size / results[variants[0][0]], flops * args.batch_size, peak)
     return results
 
 

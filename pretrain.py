@@ -397,10 +397,10 @@ def stop_if_not_finite(bad_step, lr, ckpt_path, master, world, weights_after=Non
         first = torch.where(finite, first, torch.clamp(first, max=step - 1))
     if world > 1:
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    if first.item() < 2**62:
-        last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
+    if (first := first.item()) < 2**62:
         if master:
-            print(f"error: the loss or the weights became non-finite at step {first.item()} (lr {lr:.2e}); stopping; "
+            last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            print(f"error: the loss or the weights became non-finite at step {first} (lr {lr:.2e}); stopping; "
                   f"{last}; try a lower --blr or a larger --alpha-min", file=sys.stderr)
         sys.exit(1)
 

@@ -46,20 +46,19 @@ def rank_profile(model, loader, device, n_token_images):
     evenly over the loader's (the first ones of a class-sorted folder would be a few classes)."""
     n = len(loader.dataset)
     picked = set(range(n)) if n_token_images >= n else {j * n // n_token_images for j in range(n_token_images)}
-    token_sum, seen, counted = torch.zeros(model.config.depth, dtype=torch.float64), [0], [0]
+    token_sum, seen = torch.zeros(model.config.depth, dtype=torch.float64), [0]
 
     def add_token_ranks(tokens):  # one [b, 1+n, d] per block
         rows = [i for i in range(len(tokens[0])) if seen[0] + i in picked]
         seen[0] += len(tokens[0])
         if rows:
             token_sum.add_(torch.stack([effective_ranks(t[rows]).sum() for t in tokens]))
-            counted[0] += len(rows)
 
     feats = extract_features(model, loader, device, range(1, model.config.depth + 1), on_tokens=add_token_ranks)
     cls, mean, a = effective_ranks(feats["cls"]), effective_ranks(feats["mean"]), model.alphas
     rows = [{"layer": i + 1, "alpha_attn": a[2 * i], "alpha_mlp": a[2 * i + 1], "cls": cls[i].item(),
-             "mean": mean[i].item(), "tokens": (token_sum[i] / max(1, counted[0])).item()} for i in range(len(cls))]
-    return rows, counted[0]
+             "mean": mean[i].item(), "tokens": (token_sum[i] / max(1, len(picked))).item()} for i in range(len(cls))]
+    return rows, len(picked)
 
 
 def describe(path, model):

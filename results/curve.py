@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import ARMS, machine, probe_summary, sh  # noqa: E402
+from study import ARMS, machine, probe_summary, resume_flag, sh  # noqa: E402
 
-from common import save_figure  # noqa: E402  (study put the repository root on the path)
+from common import pyplot, save_figure  # noqa: E402  (study put the repository root on the path)
 
 
 def train(name, args, extra):
@@ -31,9 +31,7 @@ def train(name, args, extra):
     if os.path.exists(os.path.join(out, f"probe_e{args.epochs:03d}.json")):  # finished and measured before
         return
     flags = ARMS[name] + (["--blr", args.arm_blr[name]] if name in args.arm_blr else []) + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
-                          "--log-every", 100, *extra["pretrain"]]
-    if os.path.exists(os.path.join(out, "ckpt.pt")):  # cut short before (--train-seconds): go on where it stopped
-        flags.append("--resume")
+                          "--log-every", 100, *extra["pretrain"], *resume_flag(out)]  # cut short before: go on
     try:
         sh("pretrain.py", *flags, timeout=args.train_seconds)
     except subprocess.TimeoutExpired:
@@ -87,12 +85,7 @@ def points(out):
 
 
 def figure(curves, out, heading):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: figure skipped (pip install matplotlib)")
+    if (plt := pyplot()) is None:
         return
     with open(os.path.join(HERE, "glyphs", "baselines.json")) as f:
         floor = json.load(f)["raw_pixels"]["linear_probe"]

@@ -15,7 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study import machine, sh  # noqa: E402
+from study import machine, resume_flag, sh  # noqa: E402
 
 from common import pyplot, save_figure  # noqa: E402
 
@@ -36,8 +36,7 @@ def main():
     folders = {form: os.path.join(args.out, form.replace(" ", "_")) for form in FORMS}
 
     def train(form):
-        resume = ["--resume"] if os.path.exists(os.path.join(folders[form], "ckpt.pt")) else []  # ends at once if done
-        sh("pretrain.py", *FORMS[form], "--out-dir", folders[form], *args.pretrain_args.split(), *resume)
+        sh("pretrain.py", *FORMS[form], "--out-dir", folders[form], *args.pretrain_args.split(), *resume_flag(folders[form]))
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(train, FORMS))

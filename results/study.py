@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from common import SEED, positive, positive_int, save_figure  # noqa: E402
+from common import SEED, positive, positive_int, pyplot, save_figure  # noqa: E402
 
 ARMS = {  # name: pretrain.py flags; "best" stands for the best linear arm's alpha_min
     "none": ["--alpha-schedule", "none"],
@@ -81,6 +81,11 @@ def read_run(out):
     return dict(probe, erank_last=ranks[-1], erank_by_layer=ranks, loss=loss)
 
 
+def resume_flag(folder):
+    """["--resume"] for a run begun there before (cut short, or done: it then ends at once), else []."""
+    return ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+
+
 def run(arm, flags, blr, seed, args):
     out = os.path.join(args.out, "runs", f"{arm}-blr{blr_tag(blr)}-s{seed}")
     if not os.path.exists(os.path.join(out, "rank.json")):
@@ -90,8 +95,7 @@ def run(arm, flags, blr, seed, args):
         ckpt = os.path.join(out, "ckpt.pt")
         try:
             sh("pretrain.py", *flags, "--blr", blr, "--seed", seed, "--epochs", args.epochs, "--out-dir", out,
-               "--log-every", 100, *args.pretrain_args.split(), *(["--resume"] if os.path.exists(ckpt) else []),
-               log=os.path.join(out, "pretrain.log"))  # a run cut short before goes on where it stopped
+               "--log-every", 100, *args.pretrain_args.split(), *resume_flag(out), log=os.path.join(out, "pretrain.log"))
             sh("probe.py", ckpt, *args.probe_args.split(), log=os.path.join(out, "probe.log"))
             sh("rank.py", ckpt, *args.rank_args.split(), log=os.path.join(out, "rank.log"))
         except subprocess.CalledProcessError as error:  # one failed run leaves the others standing
@@ -161,12 +165,7 @@ def markdown(table, pairs):
 
 
 def figure(rows, table, out):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: figure skipped (pip install matplotlib)")
+    if (plt := pyplot()) is None:
         return
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for arm, row in table.items():

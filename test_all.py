@@ -1388,6 +1388,24 @@ def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):
     assert table["loss"] == pytest.approx([0.8, 0.1])  # the last logged loss of each run
 
 
+def test_study_sweeps_past_an_edge_pick(tmp_path):
+    """--blrs 5e-4 1.5e-3 picks the top, so 5e-3 is swept; it wins and is again the top, so 1.5e-2 is swept; it
+    loses, so the pick (5e-3) is inside what was tried and 5e-2 is never read, though a run of it lies there."""
+    for blr, val in {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0, "5e-02": 99.0}.items():
+        folder = tmp_path / "runs" / f"none-blr{blr}-s0"
+        folder.mkdir(parents=True)
+        head = {"pooling": "mean", "best_linear_probe": {"layer": 0, "val": val, "test": val}}
+        (folder / "probe.json").write_text(json.dumps({"headline": head, "layers": [{"lp_mean": val, "knn_mean": val}]}))
+        (folder / "rank.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": 1.0}]}]}))
+        (folder / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3")
+    table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
+    assert table["blr"] == 5e-3 and table["sweep"] == {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0}
+    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3",
+        "--extend", 0)
+    assert json.loads((tmp_path / "study.json").read_text())["table"]["none"]["blr"] == 1.5e-3
+
+
 def test_curve_probes_each_kept_checkpoint(tmp_path):
     """curve.py's last point is the finished run: it must match probe.py and rank.py run on ckpt.pt directly."""
     root = write_png_folder(str(tmp_path / "imgs"))

@@ -5,7 +5,9 @@ any run) and results: results/README.md, "The study on glyphs".
     python results/study.py --collect          # run nothing; summarise the runs that finished
     python results/study.py --arms none linear-0.6 --blrs 1.5e-3 --seeds 0 --epochs 1    # a quick look
 
-1. Sweep: every arm at every --blrs value, first seed.
+1. Sweep: every arm at every --blrs value, first seed. An arm whose pick (step 2) sits at an end of the values it
+   tried gets the next value beyond that end (5e-3 after 1.5e-3), up to --extend times: a pick at the edge says
+   the range may have missed the arm's best rate (the amendment of stop 24).
 2. Choice: each arm keeps the blr whose run has the highest *validation* linear-probe accuracy at its
    validation-picked block (probe.json: headline.best_linear_probe.val); ties go to the lower blr. The same rule
    across linear-0.8/0.7/0.6 names the best linear arm, whose alpha_min the *-best arms take; they are swept next.
@@ -111,6 +113,13 @@ def chosen_run(rows, arm, seed):
     return max(swept, key=lambda r: (r["val"], -r["blr"])) if swept else None
 
 
+def beyond(blr, up):
+    """The next value past blr on the sweep's grid of 1.5 and 5 times powers of ten: 5e-3 above 1.5e-3, 1.5e-2 above
+    5e-3, 1.5e-5 below 5e-5."""
+    factor = 3 if f"{blr:.1e}".startswith("5") == up else 10 / 3
+    return float(f"{blr * factor if up else blr / factor:.2g}")
+
+
 def chosen_blr(rows, arm, seed):
     run = chosen_run(rows, arm, seed)
     return run and run["blr"]
@@ -190,6 +199,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--blrs", type=positive, nargs="+", default=BLRS, help="the sweep (default: %(default)s)")
+    p.add_argument("--extend", type=int, choices=range(0, 4), default=2, metavar="N",
+                   help="values swept beyond an end of --blrs where an arm's pick sits there, at most (default: %(default)s)")
     p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="the first one is the sweep's")
     p.add_argument("--epochs", type=positive_int, default=2, help="pretraining epochs per run (default: pretrain.py's CPU default)")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count(),
@@ -207,12 +218,22 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             rows.extend(row for row in pool.map(lambda job: run(*job, args), jobs) if row)
 
+    def sweep(arm_flags):
+        go([(arm, flags, blr, first) for arm, flags in arm_flags.items() for blr in args.blrs])
+        tried = {arm: set(args.blrs) for arm in arm_flags}
+        for _ in range(args.extend if len(args.blrs) > 1 else 0):
+            edge = {arm: beyond(blr, up=blr == max(tried[arm])) for arm in arm_flags
+                    if (blr := chosen_blr(rows, arm, first)) in (min(tried[arm]), max(tried[arm]))}
+            go([(arm, arm_flags[arm], blr, first) for arm, blr in edge.items()])
+            for arm, blr in edge.items():
+                tried[arm].add(blr)
+
     flags = {arm: ARMS[arm] for arm in args.arms if "best" not in arm}
-    go([(arm, flags[arm], blr, first) for arm in flags for blr in args.blrs])
+    sweep(flags)
     alpha_min = best_linear(rows, first)
     later = {arm.replace("best", alpha_min): ARMS[arm] + ["--alpha-min", alpha_min]
              for arm in args.arms if "best" in arm and alpha_min}
-    go([(arm, later[arm], blr, first) for arm in later for blr in args.blrs])
+    sweep(later)
     flags.update(later)
     chosen = {arm: blr for arm in flags if (blr := chosen_blr(rows, arm, first))}
     go([(arm, flags[arm], blr, seed) for seed in args.seeds[1:] for arm, blr in chosen.items()])

@@ -1406,6 +1406,17 @@ def test_study_sweeps_past_an_edge_pick(tmp_path):
     assert json.loads((tmp_path / "study.json").read_text())["table"]["none"]["blr"] == 1.5e-3
 
 
+def test_study_arm_names_give_their_flags():
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    from study import arm_flags
+    assert arm_flags("none-noskips") == ["--alpha-schedule", "none", "--no-decoder-skips"]
+    assert arm_flags("linear-0.9") == ["--alpha-schedule", "linear", "--alpha-min", "0.9"]
+    assert arm_flags("linear-0.8-noskips") == ["--alpha-schedule", "linear", "--no-decoder-skips", "--alpha-min", "0.8"]
+    for bad in ("linear-best-noskips", "linear-nan", "linear-0", "cosine-0.8", "linear-0.8-wide"):
+        with pytest.raises(ValueError, match="is not an arm"):
+            arm_flags(bad)
+
+
 def test_curve_probes_each_kept_checkpoint(tmp_path):
     """curve.py's last point is the finished run: it must match probe.py and rank.py run on ckpt.pt directly."""
     root = write_png_folder(str(tmp_path / "imgs"))

@@ -20,9 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import ARMS, machine, probe_summary, resume_flag, sh  # noqa: E402
+from study import arm_flags, machine, probe_summary, resume_flag, sh  # noqa: E402
 
 from common import pyplot, save_figure  # noqa: E402  (study put the repository root on the path)
+
+
+def arm_name(name):
+    try:
+        arm_flags(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
 
 
 def train(name, args, extra):
@@ -30,7 +38,7 @@ def train(name, args, extra):
     out = os.path.join(args.out, "runs", name)
     if os.path.exists(os.path.join(out, f"probe_e{args.epochs:03d}.json")):  # finished and measured before
         return
-    flags = ARMS[name] + (["--blr", args.arm_blr[name]] if name in args.arm_blr else []) + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
+    flags = arm_flags(name) + (["--blr", args.arm_blr[name]] if name in args.arm_blr else []) + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
                           "--log-every", 100, *extra["pretrain"], *resume_flag(out)]  # cut short before: go on
     try:
         sh("pretrain.py", *flags, timeout=args.train_seconds)
@@ -109,7 +117,8 @@ def figure(curves, out, heading):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=["none", "linear-0.8"], choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=["none", "linear-0.8"], type=arm_name,
+                   help="the study's arms with a fixed alpha_min: none, linear-0.6, none-noskips, linear-0.8-noskips, ...")
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--every", type=int, default=4, help="keep, probe and rank a checkpoint every N epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -121,8 +130,6 @@ def main():
     for stage in ("pretrain", "probe", "rank"):
         p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string")
     args = p.parse_args()
-    if any("best" in name for name in args.arms):
-        p.error("curve.py takes arms with a fixed alpha_min (e.g. linear-0.6), not the study's *-best arms")
     try:
         args.arm_blr = {arm: float(blr) for arm, blr in (pair.split("=") for pair in args.arm_blr)}
     except ValueError:

@@ -43,6 +43,23 @@ BLRS = [5e-5, 1.5e-4, 5e-4, 1.5e-3]
 METRICS = ("lp_last", "lp_best", "knn_last", "knn_best", "erank_last", "loss")
 
 
+def arm_flags(name):
+    """pretrain.py's flags for an arm: a name in ARMS, linear at another alpha_min (linear-0.9), or a *-best arm
+    with its alpha_min written in (linear-0.8-noskips, linear-0.7-decay-as-lr). ValueError for anything else."""
+    if name in ARMS and "best" not in name:
+        return ARMS[name]
+    kind, _, rest = name.partition("-")
+    alpha_min, _, suffix = rest.partition("-")
+    template = ARMS.get(f"linear-best-{suffix}", []) if suffix else ["--alpha-schedule", "linear"]
+    try:
+        if kind != "linear" or not template or not 0 < float(alpha_min) <= 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name!r} is not an arm: one of {', '.join(a for a in ARMS if 'best' not in a)}, "
+                         "linear-<alpha_min>, linear-<alpha_min>-noskips or linear-<alpha_min>-decay-as-lr") from None
+    return template + ["--alpha-min", alpha_min]
+
+
 def blr_tag(blr):
     return f"{blr:.1e}".replace(".0e", "e")  # 5e-05, 1.5e-04: the folder names
 

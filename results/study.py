@@ -235,21 +235,21 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             rows.extend(row for row in pool.map(lambda job: run(*job, args), jobs) if row)
 
-    def sweep(arm_flags):
-        go([(arm, flags, blr, first) for arm, flags in arm_flags.items() for blr in args.blrs])
-        tried = {arm: set(args.blrs) for arm in arm_flags}
+    def sweep(arms):
+        go([(arm, flags, blr, first) for arm, flags in arms.items() for blr in args.blrs])
+        tried = {arm: set(args.blrs) for arm in arms}
         for _ in range(args.extend if len(args.blrs) > 1 else 0):
-            edge = {arm: beyond(blr, up=blr == max(tried[arm])) for arm in arm_flags
+            edge = {arm: beyond(blr, up=blr == max(tried[arm])) for arm in arms
                     if (blr := chosen_blr(rows, arm, first)) in (min(tried[arm]), max(tried[arm]))}
-            go([(arm, arm_flags[arm], blr, first) for arm, blr in edge.items()])
+            go([(arm, arms[arm], blr, first) for arm, blr in edge.items()])
             for arm, blr in edge.items():
                 tried[arm].add(blr)
 
     flags = {arm: ARMS[arm] for arm in args.arms if "best" not in arm}
     sweep(flags)
     alpha_min = best_linear(rows, first)
-    later = {arm.replace("best", alpha_min): ARMS[arm] + ["--alpha-min", alpha_min]
-             for arm in args.arms if "best" in arm and alpha_min}
+    later = {name: arm_flags(name) for name in (arm.replace("best", alpha_min) for arm in args.arms
+                                                if "best" in arm and alpha_min)}
     sweep(later)
     flags.update(later)
     chosen = {arm: blr for arm in flags if (blr := chosen_blr(rows, arm, first))}

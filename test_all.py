@@ -1358,6 +1358,17 @@ def test_profile_sorts_kernels_by_kind_and_bounds_mfu_by_hand():
 
 # ----------------------------------------------------------------------------- the study's summary
 
+def write_finished_run(folder, lp, knn, ranks, val, test, losses):
+    """The files study.py reads from a finished run: per-block LP / k-NN / ranks, the validation-picked block's
+    validation and test LP, and the logged losses."""
+    folder.mkdir(parents=True)
+    head = {"pooling": "mean", "best_linear_probe": {"layer": 1, "val": val, "test": test}}
+    (folder / "probe.json").write_text(json.dumps({"headline": head,
+                                                   "layers": [{"lp_mean": a, "knn_mean": k} for a, k in zip(lp, knn)]}))
+    (folder / "rank.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": r} for r in ranks]}]}))
+    (folder / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))
+
+
 def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):
     """Fake finished runs of one arm, two blocks each. Seed 0 sweeps three blrs: 5e-05 and 5e-04 tie on validation
     (the lower wins) and 1.5e-04 has the best test accuracy but a worse validation score (test never chooses).
@@ -1369,13 +1380,7 @@ def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):
         ("5e-05", 1): ([14.0, 20.0], [13.0, 15.0], [8.0, 5.0], 70.0, 14.0, 0.7),
     }
     for (blr, seed), (lp, knn, ranks, val, test, loss) in fake.items():
-        folder = tmp_path / "runs" / f"none-blr{blr}-s{seed}"
-        folder.mkdir(parents=True)
-        head = {"pooling": "mean", "best_linear_probe": {"layer": 1, "val": val, "test": test}}
-        (folder / "probe.json").write_text(json.dumps({"headline": head,
-                                                       "layers": [{"lp_mean": a, "knn_mean": k} for a, k in zip(lp, knn)]}))
-        (folder / "rank.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": r} for r in ranks]}]}))
-        (folder / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": loss}) + "\n")
+        write_finished_run(tmp_path / "runs" / f"none-blr{blr}-s{seed}", lp, knn, ranks, val, test, [2.0, loss])
     run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, 1, 2, "--arms", "none",
         "--blrs", "5e-5", "1.5e-4", "5e-4")
     table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
@@ -1392,12 +1397,7 @@ def test_study_sweeps_past_an_edge_pick(tmp_path):
     """--blrs 5e-4 1.5e-3 picks the top, so 5e-3 is swept; it wins and is again the top, so 1.5e-2 is swept; it
     loses, so the pick (5e-3) is inside what was tried and 5e-2 is never read, though a run of it lies there."""
     for blr, val in {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0, "5e-02": 99.0}.items():
-        folder = tmp_path / "runs" / f"none-blr{blr}-s0"
-        folder.mkdir(parents=True)
-        head = {"pooling": "mean", "best_linear_probe": {"layer": 0, "val": val, "test": val}}
-        (folder / "probe.json").write_text(json.dumps({"headline": head, "layers": [{"lp_mean": val, "knn_mean": val}]}))
-        (folder / "rank.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": 1.0}]}]}))
-        (folder / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+        write_finished_run(tmp_path / "runs" / f"none-blr{blr}-s0", [val], [val], [1.0], val, val, [1.0])
     run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3")
     table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
     assert table["blr"] == 5e-3 and table["sweep"] == {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0}

@@ -50,13 +50,14 @@ def arm_flags(name):
         return ARMS[name]
     kind, _, rest = name.partition("-")
     alpha_min, _, suffix = rest.partition("-")
-    template = ARMS.get(f"linear-best-{suffix}", []) if suffix else ["--alpha-schedule", "linear"]
+    template = ARMS.get(f"linear-best-{suffix}") if suffix else ["--alpha-schedule", "linear"]
     try:
-        if kind != "linear" or not template or not 0 < float(alpha_min) <= 1:
-            raise ValueError
-    except ValueError:
+        known = kind == "linear" and template is not None and 0 < float(alpha_min) <= 1
+    except ValueError:  # alpha_min is not a number
+        known = False
+    if not known:
         raise ValueError(f"{name!r} is not an arm: one of {', '.join(a for a in ARMS if 'best' not in a)}, "
-                         "linear-<alpha_min>, linear-<alpha_min>-noskips or linear-<alpha_min>-decay-as-lr") from None
+                         "linear-<alpha_min>, linear-<alpha_min>-noskips or linear-<alpha_min>-decay-as-lr")
     return template + ["--alpha-min", alpha_min]
 
 

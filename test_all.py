@@ -1358,14 +1358,14 @@ def test_profile_sorts_kernels_by_kind_and_bounds_mfu_by_hand():
 
 # ----------------------------------------------------------------------------- the study's summary
 
-def write_finished_run(folder, lp, knn, ranks, val, test, losses):
+def write_finished_run(folder, lp, knn, ranks, val, test, losses, tag=""):
     """The files study.py reads from a finished run: per-block LP / k-NN / ranks, the validation-picked block's
-    validation and test LP, and the logged losses."""
+    validation and test LP, and the logged losses (tag "_e010": a curve's files at epoch 10)."""
     folder.mkdir(parents=True)
     head = {"pooling": "mean", "best_linear_probe": {"layer": 1, "val": val, "test": test}}
-    (folder / "probe.json").write_text(json.dumps({"headline": head,
-                                                   "layers": [{"lp_mean": a, "knn_mean": k} for a, k in zip(lp, knn)]}))
-    (folder / "rank.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": r} for r in ranks]}]}))
+    (folder / f"probe{tag}.json").write_text(json.dumps({"headline": head,
+                                                         "layers": [{"lp_mean": a, "knn_mean": k} for a, k in zip(lp, knn)]}))
+    (folder / f"rank{tag}.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": r} for r in ranks]}]}))
     (folder / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))
 
 
@@ -1404,6 +1404,26 @@ def test_study_sweeps_past_an_edge_pick(tmp_path):
     run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3",
         "--extend", 0)
     assert json.loads((tmp_path / "study.json").read_text())["table"]["none"]["blr"] == 1.5e-3
+
+
+def test_spread_over_seeds_by_hand(tmp_path):
+    """Two arms' curves at epoch 10: arm a at seeds 0 and 1, arm b at seed 0 only (its seed-1 run was not measured
+    at epoch 10), so b has no spread and no gap is called; the means and population stds are worked by hand."""
+    fake = {("s0", "a"): (50.0, 70.0, 3.0, 0.5), ("s1", "a"): (60.0, 74.0, 5.0, 0.7), ("s0", "b"): (40.0, 30.0, 2.0, 0.6)}
+    for (seed, arm), (lp_last, knn_last, erank, loss) in fake.items():  # two blocks: the first is the picked one
+        write_finished_run(tmp_path / seed / "runs" / arm, [1.0, lp_last], [2.0, knn_last], [9.0, erank], 0.0, 10.0,
+                           [2.0, loss], tag="_e010")
+    write_finished_run(tmp_path / "s1" / "runs" / "b", [1.0], [1.0], [1.0], 0.0, 1.0, [1.0], tag="_e008")
+    result = run("results/spread.py", "--dirs", tmp_path / "s0", tmp_path / "s1", "--arms", "a", "b", "--out", tmp_path)
+    table = json.loads((tmp_path / "spread.json").read_text())["table"]
+    assert table["a"]["seeds"] == 2 and table["b"]["seeds"] == 1
+    assert table["a"]["lp_last"] == [55.0, 5.0] and table["a"]["knn_last"] == [72.0, 2.0]
+    assert table["a"]["erank_last"] == [4.0, 1.0] and table["a"]["lp_best"] == [10.0, 0.0]
+    assert table["a"]["loss"][0] == pytest.approx(0.6) and table["a"]["loss"][1] == pytest.approx(0.1)
+    assert table["b"]["lp_last"] == [40.0, 0.0]
+    assert "lp_last +15.0 (one seed: no spread yet)" in result.stdout
+    missing = run("results/spread.py", "--dirs", tmp_path / "s0", "--epoch", 9, "--out", tmp_path, check=False)
+    assert missing.returncode == 2 and "no run of" in missing.stderr and len(missing.stderr.splitlines()) == 1
 
 
 def test_study_arm_names_give_their_flags():

@@ -92,10 +92,11 @@ def probe_summary(path):
                 lp_by_layer=lp, knn_by_layer=knn, pooling=pool, val=head.get("best_linear_probe", {}).get("val"))
 
 
-def read_run(out):
-    probe = probe_summary(os.path.join(out, "probe.json"))
+def read_run(out, tag=""):
+    """A finished run's measures: probe{tag}.json, rank{tag}.json (tag "_e010" for a curve's epoch 10), last loss."""
+    probe = probe_summary(os.path.join(out, f"probe{tag}.json"))
     pool = probe.pop("pooling")
-    ranks = [layer[pool] for layer in json.load(open(os.path.join(out, "rank.json")))["checkpoints"][0]["layers"]]
+    ranks = [layer[pool] for layer in json.load(open(os.path.join(out, f"rank{tag}.json")))["checkpoints"][0]["layers"]]
     with open(os.path.join(out, "log.jsonl")) as f:
         loss = [json.loads(line)["loss"] for line in f if '"loss"' in line][-1]
     return dict(probe, erank_last=ranks[-1], erank_by_layer=ranks, loss=loss)

@@ -9,12 +9,11 @@ log.jsonl. Writes spread.json and spread.md to --out.
 import argparse
 import json
 import os
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import METRICS, read_run, verdict  # noqa: E402
+from study import METRICS, read_run, seed_stats, stats_cells, verdict  # noqa: E402
 
 CURVE = os.path.join(HERE, "curve_glyphs_cpu_noskips")
 
@@ -26,7 +25,7 @@ def spread(dirs, arms, epoch):
         runs = [os.path.join(d, "runs", arm) for d in dirs]
         found = [read_run(r, f"_e{epoch:03d}") for r in runs if os.path.exists(os.path.join(r, f"rank_e{epoch:03d}.json"))]
         if found:
-            table[arm] = {k: [statistics.mean(f[k] for f in found), statistics.pstdev(f[k] for f in found)] for k in METRICS}
+            table[arm] = seed_stats(found)
             table[arm].update(seeds=len(found), runs={k: [f[k] for f in found] for k in METRICS})
     return table
 
@@ -36,8 +35,7 @@ def markdown(table, epoch):
              "final loss = the last logged one.", "",
              "| arm | seeds | LP last | LP best | k-NN last | k-NN best | eff. rank last | final loss |", "|---" * 8 + "|"]
     for arm, row in table.items():
-        cells = [f"{row[k][0]:.{3 if k == 'loss' else 1}f} ± {row[k][1]:.{3 if k == 'loss' else 1}f}" for k in METRICS]
-        lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(stats_cells(row)) + " |")
     if len(table) == 2:
         a, b = table
         lines += ["", f"{a} minus {b}: " + ", ".join(f"{k} {verdict(table, a, b, k)}" for k in METRICS if k != "loss")]

@@ -149,6 +149,16 @@ def best_linear(rows, seed):
     return max(scores, key=scores.get).split("-")[1] if scores else None  # ties: the milder decay, listed first
 
 
+def seed_stats(runs):
+    """{metric: [mean, population std]} over runs (one per seed)."""
+    return {k: [statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)] for k in METRICS}
+
+
+def stats_cells(row):
+    """A table row's metric cells, mean ± std (the loss to 3 decimals, the rest to 1)."""
+    return [f"{row[k][0]:.{3 if k == 'loss' else 1}f} ± {row[k][1]:.{3 if k == 'loss' else 1}f}" for k in METRICS]
+
+
 def summarise(rows, arms, seed):
     table = {}
     for arm in arms:
@@ -156,7 +166,7 @@ def summarise(rows, arms, seed):
         mine = [r for r in rows if r["arm"] == arm and r["blr"] == blr]
         if not mine:
             continue
-        table[arm] = {k: [statistics.mean(r[k] for r in mine), statistics.pstdev(r[k] for r in mine)] for k in METRICS}
+        table[arm] = seed_stats(mine)
         table[arm].update(seeds=len(mine), blr=blr, sweep={blr_tag(r["blr"]): r["val"] for r in rows
                                                            if r["arm"] == arm and r["seed"] == seed})
     return table
@@ -182,8 +192,7 @@ def markdown(table, pairs):
     lines += ["", "Seeds at the chosen blr: mean ± population std over seeds; test split; best = block picked on validation.", "",
               "| arm | blr | seeds | LP last | LP best | k-NN last | k-NN best | eff. rank last | final loss |", "|---" * 9 + "|"]
     for arm, row in table.items():
-        cells = [f"{row[k][0]:.{3 if k == 'loss' else 1}f} ± {row[k][1]:.{3 if k == 'loss' else 1}f}" for k in METRICS]
-        lines.append(f"| {arm} | {blr_tag(row['blr'])} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | {blr_tag(row['blr'])} | {row['seeds']} | " + " | ".join(stats_cells(row)) + " |")
     lines += ["", "Differences (first minus second):", ""]
     for a, b in pairs:
         if a in table and b in table:

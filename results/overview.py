@@ -50,6 +50,10 @@ def overview(root):
     return rows
 
 
+def seeds(pair):
+    return min(stats["seeds"] for stats in pair.values())
+
+
 def cell(stats, key):
     mean, std = stats[key]
     return f"{mean:.1f}" if stats["seeds"] < 2 else f"{mean:.1f} ± {std:.1f}"
@@ -62,7 +66,7 @@ def markdown(rows):
     for label, pair in rows:
         (a, sa), (b, sb) = pair.items()
         cells = [f"{cell(sa, k)} / {cell(sb, k)}: {verdict(pair, b, a, k)}" for k in SHOWN]
-        lines.append(f"| {label} | {a} / {b} | {min(sa['seeds'], sb['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {a} / {b} | {seeds(pair)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -76,11 +80,12 @@ def figure(rows, out):
             stats = [list(pair.values())[side] for _, pair in rows]
             ax.bar([i + shift for i in x], [s[key][0] for s in stats], 0.4, yerr=[s[key][1] if s["seeds"] > 1 else float("nan") for s in stats],
                    capsize=3, label=name)
-        ax.set_xticks(list(x), [label.replace(", ", "\n") for label, _ in rows], fontsize=8)
+        ax.set_xticks(list(x), [label.replace(", ", "\n") + f"\n{seeds(pair)} seed{'s' * (seeds(pair) > 1)}"
+                                for label, pair in rows], fontsize=8)
         ax.set_title(title + (" (%)" if key != "erank_last" else ""))
-    axes[0].legend(fontsize=8)
-    fig.suptitle("glyphs: the baseline against decay, by budget (error bars: std over seeds; the GPU point is one seed)")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=9)
+    fig.suptitle("glyphs: the baseline against decay, by budget (error bars: std over seeds)", x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     save_figure(fig, os.path.join(out, "overview.png"), dpi=110)
 
 

@@ -370,10 +370,14 @@ def test_config_rejects_bad_values(bad, needle):
 
 # ----------------------------------------------------------------------------- data
 
+import contextlib
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 
@@ -391,6 +395,26 @@ def run(script, *args, check=True, env=None, timeout=300):
                             text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=HERE)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def call(script, *args, check=True):
+    """run() without a new interpreter: the script's own __main__ in this process, on the same command line and
+    folder, with its exit code and output. Each fresh process spends about 5 s importing torch and torchvision on
+    the 2-core CI machine, most of this file's time; real processes stay where a process is the point (a shell's
+    exit code, kill -9, torchrun) and for pretrain.py's runs."""
+    argv, out, err, code, cwd = [os.path.join(HERE, script), *map(str, args)], io.StringIO(), io.StringIO(), 0, os.getcwd()
+    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            os.chdir(HERE)
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            os.chdir(cwd)
+    result = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} {args} exited {code}:\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -987,8 +1011,6 @@ def test_bad_input_through_the_real_command_line(script, arguments, needle, fini
 # ----------------------------------------------------------------------------- every numeric flag, every bad value
 
 import argparse
-import contextlib
-import io
 
 import bench
 import probe
@@ -1262,23 +1284,23 @@ def test_validation_sample_is_disjoint_from_the_probe_sample():
 
 def test_probe_and_rank_end_to_end(finished_run):
     ckpt = finished_run / "run" / "ckpt.pt"
-    out = run(PROBE, ckpt, "--n-train", 200, "--n-test", 100, "--epochs", 3, "--layers", "1,12").stdout
+    out = call(PROBE, ckpt, "--n-train", 200, "--n-test", 100, "--epochs", 3, "--layers", "1,12").stdout
     result = json.load(open(finished_run / "run" / "probe.json"))
     assert [r["layer"] for r in result["layers"]] == [1, 12] and result["n_test"] == 100
     assert result["headline"]["pooling"] in out and "k-NN" in out
     assert all(0 <= r["lp_mean"] <= 100 and 0 <= r["knn_cls"] <= 100 for r in result["layers"])
-    out = run(PROBE, ckpt, "--compare", ckpt, "--n-train", 200, "--n-val", 100, "--n-test", 100, "--epochs", 3,
+    out = call(PROBE, ckpt, "--compare", ckpt, "--n-train", 200, "--n-val", 100, "--n-test", 100, "--epochs", 3,
               "--layers", "1,12").stdout
     result = json.load(open(finished_run / "run" / "probe_compare.json"))
     first, second = result["checkpoints"]
     assert first["layers"] == second["layers"] and first["n_val"] == 100 and "(+0.0/+0.0)" in out
     assert first["headline"]["best_linear_probe"]["layer"] in (1, 12) and "best linear probe block" in out
-    out = run(RANK, ckpt, "--n", 64, "--n-tokens", 8).stdout
+    out = call(RANK, ckpt, "--n", 64, "--n-tokens", 8).stdout
     alone = json.load(open(finished_run / "run" / "rank.json"))
     layers = alone["checkpoints"][0]["layers"]
     assert len(layers) == 12 and "linear" in out and "0.600" in out  # the schedule is shown
     assert all(1 <= r["mean"] <= 64 for r in layers)
-    run(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt)  # as probe.py: its own file, rank.json kept
+    call(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt)  # as probe.py: its own file, rank.json kept
     both = json.load(open(finished_run / "run" / "rank_compare.json"))["checkpoints"]
     assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
 
@@ -1295,11 +1317,11 @@ def test_public_weights_path(tmp_path):
     state = timm_layout(source)  # a ViT state_dict as mae_pretrain_vit_base.pth holds it
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": state}, path)
-    out = run(PROBE, path, "--data", data.EMBEDDED, "--n-train", 100, "--n-test", 50, "--epochs", 2, "--layers", 12).stdout
+    out = call(PROBE, path, "--data", data.EMBEDDED, "--n-train", 100, "--n-test", 50, "--epochs", 2, "--layers", 12).stdout
     assert "schedule none" in out
-    result = run(PROBE, path, check=False)
+    result = call(PROBE, path, check=False)
     assert result.returncode == 2 and "--data" in result.stderr
-    run(RANK, path, "--data", data.EMBEDDED, "--n", 32, "--n-tokens", 4)
+    call(RANK, path, "--data", data.EMBEDDED, "--n", 32, "--n-tokens", 4)
 
 
 def test_saved_figures_are_256_colour_and_look_the_same(tmp_path):
@@ -1324,11 +1346,11 @@ def test_saved_figures_are_256_colour_and_look_the_same(tmp_path):
 
 def test_bench_smoke():
     before = set(os.listdir(HERE))
-    out = run("bench.py", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2, "--profile").stdout
+    out = call("bench.py", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2, "--profile").stdout
     assert "GFLOPs per image" in out
     assert all(field in out for field in ("ms/step", "img/s", "mfu", "peak mem"))
     assert out.count("Self CPU time total") == 1 and "aten::" in out  # --profile: one kernel table, ours
-    out = run("bench.py", "--loader", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2).stdout
+    out = call("bench.py", "--loader", "--model", "vit_p4_32", "--batch-size", 8, "--steps", 2).stdout
     assert f"bench loader: {data.EMBEDDED}" in out and "img/s" in out
     assert "bench device path (--device-data) on cpu" in out
     assert set(os.listdir(HERE)) == before  # a benchmark writes nothing (no out/, no log)
@@ -1381,7 +1403,7 @@ def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):
     }
     for (blr, seed), (lp, knn, ranks, val, test, loss) in fake.items():
         write_finished_run(tmp_path / "runs" / f"none-blr{blr}-s{seed}", lp, knn, ranks, val, test, [2.0, loss])
-    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, 1, 2, "--arms", "none",
+    call("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, 1, 2, "--arms", "none",
         "--blrs", "5e-5", "1.5e-4", "5e-4")
     table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
     assert table["blr"] == 5e-5 and table["seeds"] == 2
@@ -1398,10 +1420,10 @@ def test_study_sweeps_past_an_edge_pick(tmp_path):
     loses, so the pick (5e-3) is inside what was tried and 5e-2 is never read, though a run of it lies there."""
     for blr, val in {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0, "5e-02": 99.0}.items():
         write_finished_run(tmp_path / "runs" / f"none-blr{blr}-s0", [val], [val], [1.0], val, val, [1.0])
-    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3")
+    call("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3")
     table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
     assert table["blr"] == 5e-3 and table["sweep"] == {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0}
-    run("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3",
+    call("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3",
         "--extend", 0)
     assert json.loads((tmp_path / "study.json").read_text())["table"]["none"]["blr"] == 1.5e-3
 
@@ -1414,7 +1436,7 @@ def test_spread_over_seeds_by_hand(tmp_path):
         write_finished_run(tmp_path / seed / "runs" / arm, [1.0, lp_last], [2.0, knn_last], [9.0, erank], 0.0, 10.0,
                            [2.0, loss], tag="_e010")
     write_finished_run(tmp_path / "s1" / "runs" / "b", [1.0], [1.0], [1.0], 0.0, 1.0, [1.0], tag="_e008")
-    result = run("results/spread.py", "--dirs", tmp_path / "s0", tmp_path / "s1", "--arms", "a", "b", "--out", tmp_path)
+    result = call("results/spread.py", "--dirs", tmp_path / "s0", tmp_path / "s1", "--arms", "a", "b", "--out", tmp_path)
     table = json.loads((tmp_path / "spread.json").read_text())["table"]
     assert table["a"]["seeds"] == 2 and table["b"]["seeds"] == 1
     assert table["a"]["lp_last"] == [55.0, 5.0] and table["a"]["knn_last"] == [72.0, 2.0]
@@ -1422,7 +1444,7 @@ def test_spread_over_seeds_by_hand(tmp_path):
     assert table["a"]["loss"][0] == pytest.approx(0.6) and table["a"]["loss"][1] == pytest.approx(0.1)
     assert table["b"]["lp_last"] == [40.0, 0.0]
     assert "lp_last +15.0 (one seed: no spread yet)" in result.stdout
-    missing = run("results/spread.py", "--dirs", tmp_path / "s0", "--epoch", 9, "--out", tmp_path, check=False)
+    missing = call("results/spread.py", "--dirs", tmp_path / "s0", "--epoch", 9, "--out", tmp_path, check=False)
     assert missing.returncode == 2 and "no run of" in missing.stderr and len(missing.stderr.splitlines()) == 1
 
 
@@ -1438,14 +1460,14 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
     (tmp_path / "curve_glyphs").mkdir()
     (tmp_path / "curve_glyphs" / "curve.json").write_text(json.dumps({"curves": {
         "none": [point(50, 1.0, 1.0, 1.0), point(100, 99.0, 90.0, 20.0)], "linear-0.8": [point(100, 98.5, 93.0, 30.0)]}}))
-    result = run("results/overview.py", "--root", tmp_path, "--out", tmp_path)
+    result = call("results/overview.py", "--root", tmp_path, "--out", tmp_path)
     rows = [line for line in (tmp_path / "overview.md").read_text().splitlines() if line.startswith("| ") and "epochs" in line]
     assert len(rows) == 2 and rows == [line for line in result.stdout.splitlines() if line in rows]
     assert rows[0].startswith("| 2 CPU epochs, skips | none / linear-0.8 | 3 | 70.0 ± 2.0 / 60.0 ± 1.0: -10.0 (a difference)")
     assert "| 50.0 ± 3.0 / 45.0 ± 1.0: -5.0 (within seed spread) | 15.0 ± 1.0 / 5.0 ± 0.5: -10.0 (a difference) |" in rows[0]
     assert rows[1] == ("| 100 GPU epochs, skips | none / linear-0.8 | 1 | 99.0 / 98.5: -0.5 (one seed: no spread yet) | "
                        "90.0 / 93.0: +3.0 (one seed: no spread yet) | 20.0 / 30.0: +10.0 (one seed: no spread yet) |")
-    empty = run("results/overview.py", "--root", tmp_path / "nothing", "--out", tmp_path, check=False)
+    empty = call("results/overview.py", "--root", tmp_path / "nothing", "--out", tmp_path, check=False)
     assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no summary" in empty.stderr
 
 
@@ -1465,18 +1487,18 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
     root = write_png_folder(str(tmp_path / "imgs"))
     tiny_run = "--model vit_p4_32 --batch-size 4 --data " + root
     quick = ["--probe-args=--epochs 3", "--rank-args=--n 0 --n-tokens 4"]
-    run("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c",
+    call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c",
         f"--pretrain-args={tiny_run}", *quick)
     points = json.loads((tmp_path / "c" / "curve.json").read_text())["curves"]["none"]
     assert [p["epoch"] for p in points] == [1, 2]
     final = tmp_path / "c" / "runs" / "none" / "ckpt.pt"
-    run("probe.py", final, "--epochs", 3, "--out", tmp_path / "probe.json")
-    run("rank.py", final, "--n", 0, "--n-tokens", 4, "--out", tmp_path / "rank.json")
+    call("probe.py", final, "--epochs", 3, "--out", tmp_path / "probe.json")
+    call("rank.py", final, "--n", 0, "--n-tokens", 4, "--out", tmp_path / "rank.json")
     probe = json.loads((tmp_path / "probe.json").read_text())
     pool = probe["headline"]["pooling"]
     assert points[-1]["lp_last"] == probe["layers"][-1]["lp_" + pool]
     assert points[-1]["erank_last"] == json.loads((tmp_path / "rank.json").read_text())["checkpoints"][0]["layers"][-1][pool]
     for kept in (tmp_path / "c" / "runs" / "none").glob("ckpt_epoch*.pt"):  # measured: the JSONs now hold the curve
         kept.unlink()
-    run("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c", "--collect")
+    call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c", "--collect")
     assert json.loads((tmp_path / "c" / "curve.json").read_text())["curves"]["none"] == points

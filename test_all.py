@@ -403,7 +403,8 @@ def call(script, *args, check=True):
     folder, with its exit code and output. Each fresh process spends about 5 s importing torch and torchvision on
     the 2-core CI machine, most of this file's time; real processes stay where a process is the point (a shell's
     exit code, kill -9, torchrun) and for pretrain.py's runs."""
-    argv, out, err, code, cwd = [os.path.join(HERE, script), *map(str, args)], io.StringIO(), io.StringIO(), 0, os.getcwd()
+    argv, out, err, code = [os.path.join(HERE, script), *map(str, args)], io.StringIO(), io.StringIO(), 0
+    cwd = os.getcwd()
     with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             os.chdir(HERE)
@@ -961,8 +962,9 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
 ]
 
 
-def refuse(script, arguments, tmp, in_process, monkeypatch=None, capsys=None):
-    """(exit code, stderr) of one bad command, run through the script's main() here or as its own process."""
+def refuse(script, arguments, in_process, monkeypatch=None):
+    """(exit code, stderr) of one bad command, run here by call() or as its own process by run(). Any exception
+    other than the exit fails the test: no traceback reaches a user."""
     args, env = arguments.split(), {}
     if "--env-world" in args:  # what torchrun would set for 2 processes; refused before any process group starts
         args = args[:args.index("--env-world")]
@@ -972,14 +974,12 @@ def refuse(script, arguments, tmp, in_process, monkeypatch=None, capsys=None):
         return result.returncode, result.stderr
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    main = {PRETRAIN: pretrain.main, PROBE: probe.main, RANK: rank.main, "bench.py": bench.main}[script]
-    with pytest.raises(SystemExit) as stop:  # any other exception fails the test: no traceback reaches a user
-        main(args)
-    return stop.value.code, capsys.readouterr().err
+    result = call(script, *args, check=False)
+    return result.returncode, result.stderr
 
 
 @pytest.mark.parametrize("script,arguments,needle", BAD_INPUTS, ids=[f"{s}:{a}" for s, a, _ in BAD_INPUTS])
-def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, monkeypatch, capsys):
+def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, monkeypatch):
     if ("cuda" in arguments and torch.cuda.is_available()) or ("mps" in arguments and torch.backends.mps.is_available()):
         pytest.skip("this machine has the device")
     tmp = finished_run
@@ -993,7 +993,7 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
         torch.save(M.MAE(M.preset("vit_p4_32", depth=6)).checkpoint(), tmp / "shallow.pt")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")
     before = snapshot(tmp)
-    code, err = refuse(script, fill(arguments), tmp, True, monkeypatch, capsys)
+    code, err = refuse(script, fill(arguments), True, monkeypatch)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert fill(needle) in lines[0]
@@ -1002,7 +1002,7 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
 
 @pytest.mark.parametrize("script,arguments,needle", [BAD_INPUTS[0], BAD_INPUTS[-1]])
 def test_bad_input_through_the_real_command_line(script, arguments, needle, finished_run):
-    code, err = refuse(script, arguments.format(tmp=finished_run, run=finished_run / "run"), finished_run, False)
+    code, err = refuse(script, arguments.format(tmp=finished_run, run=finished_run / "run"), False)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and needle in err, err
 
 

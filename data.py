@@ -52,11 +52,15 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
     def __getitem__(self, index):
         for offset in range(len(self)):
             try:
-                return super().__getitem__((index + offset) % len(self))
+                item = super().__getitem__((index + offset) % len(self))
             except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for broken files
+                latest = error
+                continue
+            for _ in range(offset):  # counted once a readable image is found: a folder of none gets only the error
                 SkippingImageFolder.skipped = count = SkippingImageFolder.skipped + 1
                 if str(count).strip("0") == "1":  # report at 1, 10, 100, ... skips
-                    print(f"warning: skipped {count} unreadable image(s), latest: {error}", file=sys.stderr)
+                    print(f"warning: skipped {count} unreadable image(s), latest: {latest}", file=sys.stderr)
+            return item
         raise DataError(f"no image under {self.root!r} can be decoded: replace the files in the data folder")
 
 

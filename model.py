@@ -349,8 +349,10 @@ class MAEConfig:
         alpha(0.0, self.alpha_schedule, self.alpha_min)  # raises on a bad schedule or alpha_min
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mask ratio must be in (0, 1), got {self.mask_ratio}")
+        n = (self.img_size // self.patch_size) ** 2
+        if not 0 < int(n * self.mask_ratio) < n:  # the loss is a mean over hidden patches; the encoder needs one visible
+            raise ValueError(f"mask ratio {self.mask_ratio} hides {int(n * self.mask_ratio)} of {n} patches: "
+                             "it must hide at least one and leave at least one")
         if self.decay_as_lr and not self.encoder_norm:
             raise ValueError("decay as a learning rate needs the final encoder norm: without it the output keeps the stream's scale")
         for width, heads in ((self.width, self.heads), (self.decoder_width, self.decoder_heads)):

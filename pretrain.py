@@ -208,7 +208,7 @@ def setup_distributed(device):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process on `device`."""
     if "RANK" not in os.environ:
         return 0, 1, device
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"  # --device cpu stays on the CPU on a GPU machine
     dist.init_process_group(backend)
     local = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
@@ -232,11 +232,14 @@ def build(args, world):
         train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True,
                                      download=args.download, root=args.data_root)
         held_out = data.get_dataset(args.data, "test", cfg.img_size, train_aug=False, root=args.data_root)
+        train_set[0]  # a folder of files that cannot be decoded fails here, not inside the loop
+        preview = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))])  # the reconstruction figures'
     except data.DataError as e:
         fail(str(e))
     if len(train_set) < args.batch_size * args.accum_steps:
-        fail(f"{len(train_set)} training images are fewer than one effective batch; lower --batch-size")
-    return cfg, train_set, held_out
+        fail(f"{len(train_set)} training images are fewer than one effective batch of --batch-size {args.batch_size} "
+             f"x --accum-steps {args.accum_steps}; lower one of them")
+    return cfg, train_set, preview
 
 
 def model_config(args):
@@ -262,7 +265,10 @@ def main(argv=None):
     ckpt = resolve_resume(args, given)
     device = pick_device(args.device)
     fill_defaults(args, device)
-    cfg, train_set, held_out = build(args, int(os.environ.get("WORLD_SIZE", 1)))
+    cfg, train_set, preview = build(args, int(os.environ.get("WORLD_SIZE", 1)))
+    if ckpt is not None and ckpt.get("n_train", len(train_set)) != len(train_set):  # the epochs would shift silently
+        fail(f"--resume: the run trained on {ckpt['n_train']} images, the data now holds {len(train_set)}; "
+             "resume on the same data or start a new run")
     rank, world, device = setup_distributed(device)  # only once every input has been checked
     if rank == 0:
         prepare_out_dir(args.out_dir)
@@ -275,13 +281,13 @@ def main(argv=None):
         if cfg.decay_as_lr:
             print(f"  --decay-as-lr: those weights are 1 here; instead each branch output trains at lr x 1/c_k, "
                   f"up to x{1 / stream_scales(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)[-1]:.0f} (README)")
-    train(args, cfg, train_set, held_out, device, rank, world, ckpt)
+    train(args, cfg, train_set, preview, device, rank, world, ckpt)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
-def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
+def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     master, cuda = rank == 0, device.type == "cuda"
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     model = MAE(cfg).to(device)  # the same initial weights on every process
@@ -290,7 +296,8 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run was saved without a loss scaler (CPU, bf16)
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
         step = ckpt["step"]
     runner = DDP(model, device_ids=[device.index] if cuda else None) if world > 1 else model
@@ -299,13 +306,14 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
     steps_per_epoch = len(train_set) // (args.batch_size * args.accum_steps)
     planned = args.epochs * steps_per_epoch
     total = min(planned, args.max_steps or planned)
-    warmup = int(args.warmup_epochs * steps_per_epoch * total / planned)  # a capped run keeps the schedule's shape
+    # a capped run keeps the schedule's shape; the rounding keeps 0.29 epochs of 100 steps (28.999...) at 29 steps
+    warmup = int(round(args.warmup_epochs * steps_per_epoch * total / planned, 6))
     peak_lr = args.blr * args.batch_size * args.accum_steps / 256
     n_patches = (cfg.img_size // cfg.patch_size) ** 2
     items = SeededItems(train_set, args.seed, n_patches)
     fast = device_data.DeviceBatches(train_set, data.MEAN_STD[args.data], cfg.img_size, device) if args.device_data else None
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
-    show_imgs = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))]).to(device)
+    show_imgs = preview.to(device)
     show_noise = torch.rand(len(show_imgs), n_patches, generator=torch.Generator().manual_seed(0)).to(device)
     flops, peak = 3 * flops_per_image(cfg, cfg.mask_ratio), peak_flops(device)
     if master:
@@ -346,14 +354,17 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)  # every micro-batch; no sync
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
-            log_now = step % args.log_every == 0 or end_of_epoch
             every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
             save_now = step == total or every  # alike on every rank
-            keep_now = end_of_epoch and args.keep_every and (epoch + 1) % args.keep_every == 0
-            if log_now or save_now:  # the only host syncs of the loop; before a save the weights are checked too
+            keep_now = step % steps_per_epoch == 0 and args.keep_every and (epoch + 1) % args.keep_every == 0  # whole epochs
+            log_now = step % args.log_every == 0 or end_of_epoch or save_now  # a resume's log line starts at a save too
+            if log_now:  # the only host syncs of the loop; before a save the weights are checked too
                 stop_if_not_finite(bad_step, lr, ckpt_path, master, world, (model, step) if save_now or keep_now else None)
             if log_now:
                 now = time.time()
+                if world > 1:  # each process summed its own share of the batch
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
                 img_s = (step - steps_at_log) * args.batch_size * args.accum_steps / (now - t_log)
                 mean_loss = loss_sum.item() / (step - steps_at_log)
                 if master:
@@ -366,9 +377,10 @@ def train(args, cfg, train_set, held_out, device, rank, world, ckpt):
                 loss_sum.zero_()
                 t_log, steps_at_log = time.time(), step
             if save_now and master:
-                save(model, optimizer, scaler, args, epoch, step, ckpt_path)
+                save(model, optimizer, scaler, args, epoch, step, len(train_set), ckpt_path)
             if keep_now and master:
-                save(model, optimizer, scaler, args, epoch, step, os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt"))
+                kept_path = os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt")
+                save(model, optimizer, scaler, args, epoch, step, len(train_set), kept_path)
             if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
@@ -405,9 +417,9 @@ def stop_if_not_finite(bad_step, lr, ckpt_path, master, world, weights_after=Non
         sys.exit(1)
 
 
-def save(model, optimizer, scaler, args, epoch, step, path):
+def save(model, optimizer, scaler, args, epoch, step, n_train, path):
     state = model.checkpoint(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args).copy(),
-                             epoch=epoch, step=step, rng=rng_states())
+                             epoch=epoch, step=step, n_train=n_train, rng=rng_states())
     try:
         save_atomic(state, path)
     except OSError as e:
@@ -419,7 +431,8 @@ def keep_log_until(log_path, step):
     """A resumed run drops the log lines that the interrupted run wrote after its checkpoint."""
     if os.path.exists(log_path):
         with open(log_path) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= step]
+            whole = [line for line in f if line.endswith("\n")]  # a write cut by a kill leaves a torn last line
+        lines = [line for line in whole if json.loads(line)["step"] <= step]
         with open(log_path, "w") as f:
             f.writelines(lines)
 

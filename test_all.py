@@ -362,6 +362,7 @@ def test_vit_b16_forward_backward_and_parameter_count():
 
 
 @pytest.mark.parametrize("bad,needle", [(dict(img_size=30), "divisible"), (dict(mask_ratio=1.0), "mask ratio"),
+                                        (dict(mask_ratio=0.06), "hides 0 of 16"),
                                         (dict(alpha_schedule="cos"), "choose one of"), (dict(alpha_min=0), "alpha_min")])
 def test_config_rejects_bad_values(bad, needle):
     with pytest.raises(ValueError, match=needle):
@@ -375,6 +376,7 @@ import io
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -537,7 +539,7 @@ def test_save_every_replaces_the_epoch_end_checkpoints(tmp_path, monkeypatch):
     at the last step by default, every N steps instead with --save-every N, only at the last step with 0; the
     copies of --keep-every keep to their epochs whatever --save-every says."""
     root, saved = write_png_folder(str(tmp_path / "imgs")), []
-    monkeypatch.setattr(pretrain, "save", lambda *args: saved.append((os.path.basename(args[-1]), args[-2])))
+    monkeypatch.setattr(pretrain, "save", lambda *args: saved.append((os.path.basename(args[-1]), args[5])))  # (file, step)
     for flags, expected in (([], [3, 6, 7]), (["--save-every", 2], [2, 4, 6, 7]), (["--save-every", 0, "--keep-every", 2], [7])):
         saved.clear()
         pretrain_here("--model", "vit_p4_32", "--data", root, "--batch-size", 4, "--max-steps", 7, *flags,
@@ -557,6 +559,16 @@ def test_logged_lr_follows_the_capped_schedule(tmp_path):
     assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
     assert [e["lr"] / peak for e in log] == pytest.approx([1 / 3, 2 / 3, 1, 1, 3 / 4, 1 / 4], rel=1e-9)
     assert [e["lr"] for e in log] == [pretrain.lr_at(s, 6, 3, peak) for s in range(6)]
+
+
+def test_warmup_steps_are_not_lost_to_float_rounding(tmp_path):
+    """72 images, batch 4: 18 steps per epoch; 0.6 epochs of warm-up capped from 18 to 5 steps is 0.6 * 18 * 5 / 18
+    = 3 steps, though the float product is 2.9999999999999996. Peak lr at the third step, then a half cosine over 2."""
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=36)
+    pretrain_here("--model", "vit_p4_32", "--data", root, "--batch-size", 4, "--epochs", 1, "--warmup-epochs", 0.6,
+                  "--max-steps", 5, "--blr", 1e-2, "--log-every", 1, "--out-dir", tmp_path / "run")
+    peak = 1e-2 * 4 / 256
+    assert [e["lr"] / peak for e in read_log(tmp_path / "run")] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1 / 2], rel=1e-9)
 
 
 def test_accumulation_equals_the_large_batch_and_resumes_exactly_at_an_epoch_boundary(tmp_path):
@@ -716,6 +728,9 @@ def test_keep_every_keeps_epoch_snapshots(tmp_path):
     assert torch.load(tmp_path / "run" / kept[0], weights_only=True)["step"] == 6
     last, final = (torch.load(tmp_path / "run" / f, weights_only=True) for f in (kept[1], "ckpt.pt"))
     assert all(torch.equal(last["model"][k], final["model"][k]) for k in final["model"])
+    pretrain_here("--model", "vit_p4_32", "--data", root, "--epochs", 4, "--batch-size", 4, "--keep-every", 1,
+                  "--max-steps", 4, "--out-dir", tmp_path / "capped")  # ends a third of the way into epoch 2
+    assert sorted(f.name for f in (tmp_path / "capped").glob("ckpt_epoch*.pt")) == ["ckpt_epoch001.pt"]
 
 
 RECORDER = """# pretrain.main, recording each process's item order per epoch and its gradients at every optimizer step
@@ -752,7 +767,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     recorder = tmp_path / "recorder.py"
     recorder.write_text(RECORDER.format(here=HERE))
     root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)  # 64 images, 4 steps: cheaper than the embedded set
-    common = ["--model", "vit_p4_32", "--data", root, "--max-steps", 4, "--batch-size", 8, "--accum-steps", 2, "--blr", 1e-3]
+    common = ["--model", "vit_p4_32", "--data", root, "--max-steps", 4, "--batch-size", 8, "--accum-steps", 2, "--blr", 1e-3,
+              "--log-every", 1]
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     run(recorder, tmp_path / "one", *common, "--out-dir", tmp_path / "one")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -760,6 +776,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                              "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
+    logged_one, logged_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")  # the whole batch's loss, not rank 0's
+    assert [e["loss"] for e in logged_two] == pytest.approx([e["loss"] for e in logged_one], rel=1e-6)
     one, rank0, rank1 = (torch.tensor(json.loads((tmp_path / d / f"order{r}.json").read_text())[0])
                          for d, r in (("one", 0), ("two", 0), ("two", 1)))
     assert not set(rank0.tolist()) & set(rank1.tolist())
@@ -839,6 +857,28 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
         assert torch.equal(whole["model"][k], resumed["model"][k]), k  # bit for bit
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == list(range(1, 17))  # the log keeps one line per step, none lost or repeated
+
+
+def test_resumed_log_matches_the_whole_run_and_drops_a_torn_line(tmp_path, monkeypatch):
+    """Saves at step 3, log lines every 2 steps: the step-4 line must not mix steps 3 and 4 in the whole run and
+    step 4 alone in the resumed one. A line half-written by a killed run must not stop the resume."""
+    out, save = tmp_path / "run", pretrain.save
+
+    def save_and_copy(*args):  # save(model, optimizer, scaler, args, epoch, step, n_train, path)
+        save(*args)
+        if args[5] == 3:
+            shutil.copy(args[-1], out / "step3.pt")
+
+    monkeypatch.setattr(pretrain, "save", save_and_copy)
+    flags = ["--model", "vit_p4_32", "--max-steps", 4, "--batch-size", 8, "--save-every", 3, "--log-every", 2]
+    pretrain_here(*flags, "--out-dir", out)
+    whole = read_log(out)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "epo')
+    pretrain_here("--resume", out / "step3.pt")
+    resumed = read_log(out)
+    assert [e["step"] for e in whole] == [e["step"] for e in resumed] == [2, 3, 4]
+    assert [e["loss"] for e in whole] == [e["loss"] for e in resumed]
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -921,11 +961,14 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--alpha-min 0", "argument --alpha-min"),
     (PRETRAIN, "--img-size 30", "image size 30 is not divisible by patch size 4"),
     (PRETRAIN, "--mask-ratio 1.0", "argument --mask-ratio: needs a finite number in (0, 1)"),
+    (PRETRAIN, "--mask-ratio 0.01", "mask ratio 0.01 hides 0 of 64 patches: it must hide at least one"),
     (PRETRAIN, "--model vit_x", "unknown model preset 'vit_x'; choose one of vit_b16"),
     (PRETRAIN, "--data imagenett", "unknown dataset 'imagenett'"),
     (PRETRAIN, "--data {tmp}/nowhere", "missing or empty data folder"),
     (PRETRAIN, "--data {tmp}/empty", "missing or empty data folder"),
     (PRETRAIN, "--data {tmp}/mismatched", "train/ and val/ need the same class folders; in one only: ['cat', 'dog']"),
+    (PRETRAIN, "--data {tmp}/garbled --batch-size 4", "no image under '{tmp}/garbled/val' can be decoded"),
+    (PRETRAIN, "--resume {tmp}/resized/ckpt.pt", "the run trained on 49999 images, the data now holds 50000"),
     (PRETRAIN, "--compile-mode reduce-overhead --accum-steps 2", "--compile-mode reduce-overhead cannot accumulate"),
     (PRETRAIN, "--resume {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),
@@ -989,6 +1032,14 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
     (tmp / "notes.txt").write_text("not a checkpoint")
     os.makedirs(tmp / "kept", exist_ok=True)
     (tmp / "kept" / "ckpt_epoch002.pt").write_bytes(b"a run's kept copy")
+    if not (tmp / "garbled").exists():  # a folder whose held-out images are all unreadable
+        write_png_folder(str(tmp / "garbled"), n_per_class=2)
+        for png in (tmp / "garbled" / "val").glob("*/*.png"):
+            png.write_bytes(b"not a png")
+    if not (tmp / "resized").exists():  # the finished run, as if its data had lost an image since
+        os.makedirs(tmp / "resized")
+        moved = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)
+        torch.save({**moved, "n_train": 49999}, tmp / "resized" / "ckpt.pt")
     if not (tmp / "shallow.pt").exists():
         torch.save(M.MAE(M.preset("vit_p4_32", depth=6)).checkpoint(), tmp / "shallow.pt")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")
@@ -1384,11 +1435,13 @@ def write_finished_run(folder, lp, knn, ranks, val, test, losses, tag=""):
     """The files study.py reads from a finished run: per-block LP / k-NN / ranks, the validation-picked block's
     validation and test LP, and the logged losses (tag "_e010": a curve's files at epoch 10)."""
     folder.mkdir(parents=True)
-    head = {"pooling": "mean", "best_linear_probe": {"layer": 1, "val": val, "test": test}}
+    head = {"pooling": "mean", "best_linear_probe": {"layer": 1, "val": val, "test": test},
+            "best_knn": {"layer": knn.index(max(knn)) + 1, "val": val, "test": max(knn)}}
     (folder / f"probe{tag}.json").write_text(json.dumps({"headline": head,
                                                          "layers": [{"lp_mean": a, "knn_mean": k} for a, k in zip(lp, knn)]}))
     (folder / f"rank{tag}.json").write_text(json.dumps({"checkpoints": [{"layers": [{"mean": r} for r in ranks]}]}))
-    (folder / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))
+    (folder / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "epoch": i, "loss": x}) + "\n"
+                                              for i, x in enumerate(losses)))  # a line per epoch
 
 
 def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):
@@ -1413,6 +1466,10 @@ def test_study_picks_blr_on_validation_and_summarises_by_hand(tmp_path):
     assert table["knn_last"] == [13.0, 2.0]      # 11 and 15
     assert table["erank_last"] == [4.0, 1.0]     # 3 and 5
     assert table["loss"] == pytest.approx([0.8, 0.1])  # the last logged loss of each run
+    before = (tmp_path / "study.json").read_text()
+    quick = call("results/study.py", "--collect", "--out", tmp_path, "--arms", "none", "--epochs", 1, check=False)
+    assert quick.returncode == 2 and "holds a study of 2-epoch runs" in quick.stderr and len(quick.stderr.splitlines()) == 1
+    assert (tmp_path / "study.json").read_text() == before
 
 
 def test_study_sweeps_past_an_edge_pick(tmp_path):
@@ -1430,11 +1487,12 @@ def test_study_sweeps_past_an_edge_pick(tmp_path):
 
 def test_spread_over_seeds_by_hand(tmp_path):
     """Two arms' curves at epoch 10: arm a at seeds 0 and 1, arm b at seed 0 only (its seed-1 run was not measured
-    at epoch 10), so b has no spread and no gap is called; the means and population stds are worked by hand."""
+    at epoch 10), so b has no spread and no gap is called; the means and population stds are worked by hand. The
+    final loss is the last one logged in epoch 10 (0-based 9), not the one the run logged after it."""
     fake = {("s0", "a"): (50.0, 70.0, 3.0, 0.5), ("s1", "a"): (60.0, 74.0, 5.0, 0.7), ("s0", "b"): (40.0, 30.0, 2.0, 0.6)}
     for (seed, arm), (lp_last, knn_last, erank, loss) in fake.items():  # two blocks: the first is the picked one
         write_finished_run(tmp_path / seed / "runs" / arm, [1.0, lp_last], [2.0, knn_last], [9.0, erank], 0.0, 10.0,
-                           [2.0, loss], tag="_e010")
+                           [2.0] * 9 + [loss, 9.9], tag="_e010")
     write_finished_run(tmp_path / "s1" / "runs" / "b", [1.0], [1.0], [1.0], 0.0, 1.0, [1.0], tag="_e008")
     result = call("results/spread.py", "--dirs", tmp_path / "s0", tmp_path / "s1", "--arms", "a", "b", "--out", tmp_path)
     table = json.loads((tmp_path / "spread.json").read_text())["table"]
@@ -1500,5 +1558,10 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
     assert points[-1]["erank_last"] == json.loads((tmp_path / "rank.json").read_text())["checkpoints"][0]["layers"][-1][pool]
     for kept in (tmp_path / "c" / "runs" / "none").glob("ckpt_epoch*.pt"):  # measured: the JSONs now hold the curve
         kept.unlink()
-    call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c", "--collect")
-    assert json.loads((tmp_path / "c" / "curve.json").read_text())["curves"]["none"] == points
+    call("results/curve.py", "--arms", "none", "--out", tmp_path / "c", "--collect")  # the request is read back
+    summary = json.loads((tmp_path / "c" / "curve.json").read_text())
+    assert summary["curves"]["none"] == points and (summary["epochs"], summary["every"], summary["seed"]) == (2, 1, 0)
+    other = call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--seed", 7, "--out", tmp_path / "c",
+                 check=False)  # seed 0's runs must not be measured as seed 7's
+    assert other.returncode == 2 and "made with --seed 0" in other.stderr and len(other.stderr.splitlines()) == 1
+    assert json.loads((tmp_path / "c" / "curve.json").read_text()) == summary

@@ -8,6 +8,8 @@ k-NN and effective rank at the last block, against epochs, with the raw-pixel fl
 --train-seconds caps each pretraining: the checkpoints kept by then are still measured, and the next call resumes
 the run from its ckpt.pt (exact on CPU; on a GPU, up to the noise of its non-deterministic kernels). The curve is
 read from the JSON files, so a kept checkpoint can be deleted once measured; only ckpt.pt is needed to go on.
+A folder whose curve.json records another --epochs, --every, --seed or --arm-blr is refused (its runs would be
+taken as this request's); --collect takes those four from curve.json.
 """
 import argparse
 import glob
@@ -22,7 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from study import arm_flags, machine, probe_summary, resume_flag, sh  # noqa: E402
 
-from common import pyplot, save_figure  # noqa: E402  (study put the repository root on the path)
+from common import fail, pyplot, save_figure  # noqa: E402  (study put the repository root on the path)
+
+RECORDED = ("epochs", "every", "seed", "arm_blr")  # what a curve.json records of the request that made it
 
 
 def arm_name(name):
@@ -134,7 +138,16 @@ def main():
         args.arm_blr = {arm: float(blr) for arm, blr in (pair.split("=") for pair in args.arm_blr)}
     except ValueError:
         p.error("--arm-blr takes ARM=BLR pairs, e.g. none=1.5e-3")
+    if stray := set(args.arm_blr) - set(args.arms):  # a typo would leave its arm at pretrain.py's default blr
+        p.error(f"--arm-blr names {', '.join(sorted(stray))}, not among --arms {' '.join(args.arms)}")
     extra = {stage: getattr(args, f"{stage}_args").split() for stage in ("pretrain", "probe", "rank")}
+    summary_path = os.path.join(args.out, "curve.json")
+    before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    if args.collect:
+        vars(args).update({key: before[key] for key in RECORDED if key in before})
+    elif clash := [f"--{key.replace('_', '-')} {before[key]}" for key in RECORDED
+                   if key in before and before[key] != getattr(args, key)]:
+        fail(f"{args.out} holds a curve made with {', '.join(clash)}; this request differs: choose another --out")
     start = time.time()
     folders = {name: os.path.join(args.out, "runs", name) for name in args.arms}
     if not args.collect:
@@ -143,11 +156,10 @@ def main():
     for name, found in curves.items():
         print(name, " ".join(f"e{q['epoch']}: LP {q['lp_last']:.1f} (best {q['lp_best']:.1f}) "
                              f"rank {q['erank_last']:.1f}" for q in found), flush=True)
-    summary_path = os.path.join(args.out, "curve.json")
-    before = json.load(open(summary_path)) if args.collect and os.path.exists(summary_path) else {}
-    summary = {"curves": curves, "epochs": args.epochs, "every": args.every, "seed": args.seed,
-               "minutes": before.get("minutes", round((time.time() - start) / 60, 1)),
-               "machine": before.get("machine", machine()), "command": before.get("command", " ".join(sys.argv))}
+    kept = before if args.collect else {}
+    summary = {"curves": curves, **{key: getattr(args, key) for key in RECORDED},
+               "minutes": kept.get("minutes", round((time.time() - start) / 60, 1)),
+               "machine": kept.get("machine", machine()), "command": kept.get("command", " ".join(sys.argv))}
     json.dump(summary, open(summary_path, "w"), indent=1)
     figure(curves, args.out, f"{args.epochs}-epoch runs, seed {args.seed}, "
            f"{max((p['epoch'] for c in curves.values() for p in c), default=0)} done, on {summary['machine']}")

@@ -153,7 +153,7 @@ mkdir -p "$CURVE"
 [ "${CURVE_FRESH:-0}" = 1 ] || cp -r results/curve_glyphs/. "$CURVE" 2>/dev/null  # an earlier loan's JSONs and ckpt.pt.gz
 for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
 UNCARRIED=$(for run in "$CURVE"/runs/*; do  # begun (a log), not finished, and no checkpoint: it would restart at 0
-  [ -f "$run/log.jsonl" ] && [ ! -f "$run/ckpt.pt" ] && [ ! -f "$run/probe_e${CURVE_EPOCHS:-200}.json" ] && basename "$run"; done)
+  [ -f "$run/log.jsonl" ] && [ ! -f "$run/ckpt.pt" ] && [ ! -f "$run/probe_e$(printf %03d ${CURVE_EPOCHS:-200}).json" ] && basename "$run"; done)
 if [ -n "$UNCARRIED" ]; then
   echo "curve: skipped: no ckpt.pt.gz carried for" $UNCARRIED "(carry them; or CURVE_FRESH=1 starts a new curve)"
 else

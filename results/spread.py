@@ -4,7 +4,7 @@ study's rule (a difference only beyond twice the larger std).
     python results/spread.py   # the 10-epoch curve without skips, seeds 0, 1, 2 (results/README, stop 25)
 
 Each --dirs entry is one seed's curve.py --out; its runs/<arm>/ hold probe_eNNN.json, rank_eNNN.json and
-log.jsonl. Writes spread.json and spread.md to --out.
+log.jsonl. Writes spread.json and spread.md to --out (default: the first of --dirs).
 """
 import argparse
 import json
@@ -47,8 +47,9 @@ def main():
     p.add_argument("--dirs", nargs="+", default=[CURVE, os.path.join(CURVE, "seed1"), os.path.join(CURVE, "seed2")])
     p.add_argument("--arms", nargs="+", default=["none-noskips", "linear-0.8-noskips"])
     p.add_argument("--epoch", type=int, default=10)
-    p.add_argument("--out", default=CURVE)
+    p.add_argument("--out", help="folder for spread.json and spread.md (default: the first of --dirs)")
     args = p.parse_args()
+    args.out = args.out or args.dirs[0]
     table = spread(args.dirs, args.arms, args.epoch)
     if not table:
         print(f"spread.py: no run of {', '.join(args.arms)} measured at epoch {args.epoch} under {', '.join(args.dirs)}",

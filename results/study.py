@@ -3,7 +3,7 @@ any run) and results: results/README.md, "The study on glyphs".
 
     python results/study.py                    # all of it: about 4 hours on 2 CPU cores, two one-thread runs at a time
     python results/study.py --collect          # run nothing; summarise the runs that finished
-    python results/study.py --arms none linear-0.6 --blrs 1.5e-3 --seeds 0 --epochs 1    # a quick look
+    python results/study.py --arms none linear-0.6 --blrs 1.5e-3 --seeds 0 --epochs 1 --out /tmp/quick  # a quick look
 
 1. Sweep: every arm at every --blrs value, first seed. An arm whose pick (step 2) sits at an end of the values it
    tried gets the next value beyond that end (5e-3 after 1.5e-3), up to --extend times: a pick at the edge says
@@ -14,7 +14,7 @@ any run) and results: results/README.md, "The study on glyphs".
 3. Seeds: the other --seeds at each arm's chosen blr.
 Each run is pretrain.py, probe.py and rank.py through their command lines, in <out>/runs/<arm>-blr<blr>-s<seed>/
 with their logs; a run whose rank.json exists is not rerun. The summary (study.json, study.md) and the figure
-(study.png) go to <out>.
+(study.png) go to <out>; a folder whose study.json summarises runs of another --epochs is refused.
 """
 import argparse
 import json
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from common import SEED, positive, positive_int, pyplot, save_figure  # noqa: E402
+from common import SEED, fail, positive, positive_int, pyplot, save_figure  # noqa: E402
 
 ARMS = {  # name: pretrain.py flags; "best" stands for the best linear arm's alpha_min
     "none": ["--alpha-schedule", "none"],
@@ -87,18 +87,21 @@ def probe_summary(path):
     probe = json.load(open(path))
     head, pool = probe["headline"], probe["headline"]["pooling"]
     lp, knn = [r["lp_" + pool] for r in probe["layers"]], [r["knn_" + pool] for r in probe["layers"]]
-    best = lambda key, values: head[key]["test"] if key in head else max(values)  # on validation, where probe.py had it
-    return dict(lp_last=lp[-1], lp_best=best("best_linear_probe", lp), knn_last=knn[-1], knn_best=best("best_knn", knn),
-                lp_by_layer=lp, knn_by_layer=knn, pooling=pool, val=head.get("best_linear_probe", {}).get("val"))
+    if "best_linear_probe" not in head or "best_knn" not in head:  # never fall back to the best block on test
+        sys.exit(f"{path} has no block picked on validation (probe.py --n-val 0?); the study picks blocks on validation")
+    return dict(lp_last=lp[-1], lp_best=head["best_linear_probe"]["test"], knn_last=knn[-1], knn_best=head["best_knn"]["test"],
+                lp_by_layer=lp, knn_by_layer=knn, pooling=pool, val=head["best_linear_probe"]["val"])
 
 
 def read_run(out, tag=""):
-    """A finished run's measures: probe{tag}.json, rank{tag}.json (tag "_e010" for a curve's epoch 10), last loss."""
+    """A finished run's measures: probe{tag}.json, rank{tag}.json (tag "_e010" for a curve's epoch 10), and the
+    last loss logged up to that epoch (the run's last without a tag)."""
     probe = probe_summary(os.path.join(out, f"probe{tag}.json"))
     pool = probe.pop("pooling")
     ranks = [layer[pool] for layer in json.load(open(os.path.join(out, f"rank{tag}.json")))["checkpoints"][0]["layers"]]
+    until = int(tag[2:]) if tag else float("inf")  # the log's epoch field counts from 0
     with open(os.path.join(out, "log.jsonl")) as f:
-        loss = [json.loads(line)["loss"] for line in f if '"loss"' in line][-1]
+        loss = [e["loss"] for e in map(json.loads, f) if e.get("epoch", 0) < until][-1]
     return dict(probe, erank_last=ranks[-1], erank_by_layer=ranks, loss=loss)
 
 
@@ -239,6 +242,10 @@ def main():
     for stage in ("pretrain", "probe", "rank"):
         p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string")
     args = p.parse_args()
+    summary_path = os.path.join(args.out, "study.json")
+    if os.path.exists(summary_path) and (before := json.load(open(summary_path))["epochs"]) != args.epochs:
+        fail(f"{args.out} holds a study of {before}-epoch runs: --epochs {args.epochs} would mix with them and "
+                "overwrite its summary; choose another --out")
     os.makedirs(args.out, exist_ok=True)
     start, rows, first = time.time(), [], args.seeds[0]
 
@@ -274,7 +281,7 @@ def main():
     minutes = (time.time() - start) / 60
     json.dump({"table": table, "best_linear_alpha_min": alpha_min, "rows": rows, "epochs": args.epochs,
                "seeds": args.seeds, "minutes": None if args.collect else round(minutes, 1), "machine": machine(),
-               "command": " ".join(sys.argv)}, open(os.path.join(args.out, "study.json"), "w"), indent=1)
+               "command": " ".join(sys.argv)}, open(summary_path, "w"), indent=1)
     open(os.path.join(args.out, "study.md"), "w").write(text + "\n")
     figure(rows, table, args.out)
 

@@ -333,10 +333,9 @@ def main(argv=None):
     loaded = [load_model(path) for path in paths]  # all of them, and their blocks checked, before any file is written
     if len({tuple(parse_layers(args.layers, model.config.depth)) for model, _ in loaded}) > 1:
         fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")
-    reports = []
-    for path, (model, ckpt) in zip(paths, loaded):
-        reports.append(probe_checkpoint(path, model, ckpt, args, alone or beside(path, "probe.json")))
-        args.data = args.data or reports[0]["data"]  # every checkpoint is probed on the first one's data
+    args.data, args.data_root = data_source(loaded[0][1], args, paths[0])  # every checkpoint is probed on these
+    reports = [probe_checkpoint(path, model, ckpt, args, alone or beside(path, "probe.json"))
+               for path, (model, ckpt) in zip(paths, loaded)]
     if args.compare:
         print_comparison(reports)
         out = save_json(args.out or beside(args.checkpoint, "probe_compare.json"), {"checkpoints": reports})

@@ -1356,6 +1356,23 @@ def test_probe_and_rank_end_to_end(finished_run):
     assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
 
 
+def test_probe_compare_reads_every_checkpoint_on_the_first_ones_data(finished_run, tmp_path):
+    """--compare probes all checkpoints on one data set: the first's name and torchvision root, not each its own."""
+    ckpt = torch.load(finished_run / "run" / "ckpt.pt", map_location="cpu", weights_only=False)
+    paths = []
+    for name, root in (("first", "/root/of/first"), ("second", "/root/of/second")):
+        ckpt["args"]["data_root"] = root
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+        paths.append(tmp_path / f"{name}.pt")
+    seen = []
+    real = probe.probe_splits
+    with mock.patch.object(probe, "probe_splits", lambda name, size, root, args: seen.append((name, root)) or
+                           real(name, size, root, args)), contextlib.redirect_stdout(io.StringIO()):
+        probe.main([str(paths[0]), "--compare", str(paths[1]), "--n-train", "100", "--n-val", "50", "--n-test", "50",
+                    "--epochs", "1", "--layers", "12", "--out", str(tmp_path / "both.json")])
+    assert seen == [(ckpt["args"]["data"], "/root/of/first")] * 2
+
+
 def test_public_vit_h_weights_get_16_heads():
     """Public ViTs have 64 channels a head, except ViT-H (1280 wide, 16 heads of 80): a width alone must say so."""
     source = M.MAE(M.preset("vit_p4_32", width=1280, depth=1, heads=16, alpha_schedule="none", decoder_skips=False))

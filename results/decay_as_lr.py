@@ -6,21 +6,72 @@ overlay each other and not the residual one (README, "Decay is a learning rate")
     python results/decay_as_lr.py --out /tmp/x --pretrain-args="--max-steps 100"      # a quick look
 
 Runs go to <out>/<form>/ (the default command plus the form's flags); overlay.png and overlay.json go to <out>. A
-run whose checkpoint exists is resumed (a finished one ends at once, untouched).
+run whose checkpoint exists is resumed (a finished one ends at once, untouched). Last, probe.py compares the decayed
+run with itself rewritten in the residual form (its parameters times decay_scales(): the same function, features
+1/c_k larger), to show the probe does not depend on the decayed stream's scale (probe_same_function.json / .log),
+and with its separately trained --decay-as-lr twin (probe_twins.json / .log).
 """
 import argparse
 import json
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study import machine, resume_flag, sh  # noqa: E402
 
+import torch  # noqa: E402
+
+import data  # noqa: E402
 from common import pyplot, save_figure  # noqa: E402
+from model import MAE, MAEConfig, preset  # noqa: E402
+from pretrain import CPU_PRESET  # noqa: E402
 
 FORMS = {"decayed": ["--alpha-schedule", "linear"], "decay as lr": ["--alpha-schedule", "linear", "--decay-as-lr"],
          "residual": ["--alpha-schedule", "none"]}
+
+
+def init_gap(n_images=64):
+    """Relative L2 gap between the two forms' encoder outputs (after the final norm, all patches visible) at
+    initialisation and with random weights, float64. At initialisation every branch is zero, so the decayed stream is
+    c_k x_0 and LayerNorm's eps (1e-6) weighs most there; training grows the branches and the gap shrinks."""
+    test = data.get_dataset(data.EMBEDDED, "test", 32, train_aug=False)
+    imgs = torch.stack([test[i][0] for i in range(n_images)]).double()
+    torch.manual_seed(0)
+    gaps = {}
+    for state in ("initialisation", "random weights"):
+        decayed, twin = (MAE(preset(CPU_PRESET, decay_as_lr=as_lr)).double() for as_lr in (False, True))
+        with torch.no_grad():
+            for name, p in decayed.named_parameters():
+                if state == "random weights":  # every branch non-zero
+                    p.copy_(torch.randn_like(p) * 0.1)
+                twin.get_parameter(name).copy_(p * twin.decay_scales().get(name, 1.0))
+        a, b = decayed.features(imgs)[-1], twin.features(imgs)[-1]
+        gaps[state] = ((a - b).norm() / b.norm()).item()
+    return gaps
+
+
+def as_residual_twin(ckpt_path, twin_path):
+    """The decayed checkpoint rewritten as the residual encoder with decay's multipliers folded into its weights."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    twin = MAE(MAEConfig(**{**ckpt["config"], "decay_as_lr": True}))
+    scales = twin.decay_scales()
+    twin.load_state_dict({name: value * scales.get(name, 1.0) for name, value in ckpt["model"].items()})
+    torch.save(twin.checkpoint(), twin_path)
+
+
+def probe_same_function(decayed_folder, out):
+    """Largest |LP| and |k-NN| difference over blocks between the decayed run and its residual rewrite."""
+    twin_folder, result = os.path.join(out, "decayed_as_residual"), os.path.join(out, "probe_same_function.json")
+    os.makedirs(twin_folder, exist_ok=True)  # probe.py also writes a probe.json beside each checkpoint it reads
+    twin = os.path.join(twin_folder, "ckpt.pt")
+    as_residual_twin(os.path.join(decayed_folder, "ckpt.pt"), twin)
+    sh("probe.py", os.path.join(decayed_folder, "ckpt.pt"), "--compare", twin, "--out", result,
+       log=os.path.join(out, "probe_same_function.log"))
+    shutil.rmtree(twin_folder)
+    a, b = (c["layers"] for c in json.load(open(result))["checkpoints"])
+    return {key: max(abs(x[key] - y[key]) for x, y in zip(a, b)) for key in ("lp_mean", "knn_mean", "lp_cls", "knn_cls")}
 
 
 def losses(folder):
@@ -36,15 +87,24 @@ def main():
     folders = {form: os.path.join(args.out, form.replace(" ", "_")) for form in FORMS}
 
     def train(form):
-        sh("pretrain.py", *FORMS[form], "--out-dir", folders[form], *args.pretrain_args.split(), *resume_flag(folders[form]))
+        resume = resume_flag(folders[form])  # a run's first console output is kept; a resumed one's goes beside it
+        os.makedirs(folders[form], exist_ok=True)
+        sh("pretrain.py", *FORMS[form], "--out-dir", folders[form], *args.pretrain_args.split(), *resume,
+           log=os.path.join(folders[form], "pretrain-resumed.log" if resume else "pretrain.log"))
 
+    gaps = init_gap()
+    print(f"encoder outputs of the two forms, relative L2 gap: {gaps}")
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(train, FORMS))
     curves = {form: losses(folder) for form, folder in folders.items()}
+    probe_gap = probe_same_function(folders["decayed"], args.out)
+    sh("probe.py", os.path.join(folders["decayed"], "ckpt.pt"), "--compare", os.path.join(folders["decay as lr"], "ckpt.pt"),
+       "--out", os.path.join(args.out, "probe_twins.json"), log=os.path.join(args.out, "probe_twins.log"))
     gap = lambda a, b: max(abs(x[1] - y[1]) for x, y in zip(curves[a], curves[b]))
     summary = {"machine": machine(), "pretrain_args": args.pretrain_args, "forms": FORMS,
                "final_loss": {form: curve[-1][1] for form, curve in curves.items()},
-               "max_gap_decayed_vs_as_lr": gap("decayed", "decay as lr"), "max_gap_decayed_vs_residual": gap("decayed", "residual"),
+               "max_gap_decayed_vs_as_lr": gap("decayed", "decay as lr"),
+               "encoder_output_gap_decayed_vs_as_lr": gaps, "probe_gap_decayed_vs_its_residual_rewrite": probe_gap, "max_gap_decayed_vs_residual": gap("decayed", "residual"),
                "curves": curves}
     with open(os.path.join(args.out, "overlay.json"), "w") as f:
         json.dump(summary, f, indent=1)

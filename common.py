@@ -96,6 +96,22 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def describe_machine(device, cpuinfo="/proc/cpuinfo"):
+    """The chip a run's last digits depend on: the same command gives other float32 sums on another CPU generation
+    (torch picks AVX2 or AVX-512 kernels) or GPU. VMs often name the CPU only "AMD EPYC", so family and model too."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in open(cpuinfo):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    name = " ".join(filter(None, [fields.get("model name"), fields.get("cpu family") and
+                                  f"family {fields['cpu family']} model {fields.get('model', '?')}"])) or "unknown CPU"
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}"
+
+
 def autocast(device):
     """bf16 on CUDA (fp16 on cards without bf16); full fp32 everywhere else."""
     if device.type != "cuda":

@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import device_data
-from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, fail, flops_per_image, fraction, load_checkpoint,
-                    lr_at, non_negative, non_negative_int, peak_flops, pick_device, positive, positive_int, real,
-                    rng_states, save_atomic, set_rng_states)
+from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, describe_machine, fail, flops_per_image, fraction,
+                    load_checkpoint, lr_at, non_negative, non_negative_int, peak_flops, pick_device, positive,
+                    positive_int, real, rng_states, save_atomic, set_rng_states)
 from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -274,6 +274,8 @@ def main(argv=None):
         prepare_out_dir(args.out_dir)
         print(f"model {args.model}: {cfg.depth} blocks x {cfg.width} wide, {cfg.img_size} px, patch {cfg.patch_size}; "
               f"data {args.data}; device {device}; {world} process(es)")
+        threads = f"; {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+        print(f"  on {describe_machine(device)}{threads} (the last digits of a run depend on these)")
         a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
         schedule = "none" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule} to {cfg.alpha_min}"
         print(f"  encoder shortcut weights (attn, mlp) per block, {schedule}: "

@@ -825,6 +825,16 @@ def test_ddp_stops_every_rank_before_saving_after_a_non_finite_loss_on_one(tmp_p
     assert ckpt["step"] == 3 and all(v.isfinite().all() for v in ckpt["model"].values())
 
 
+def test_describe_machine_names_the_cpu_generation(tmp_path):
+    """A run's last digits differ between CPU generations; the console says which one ran it, as /proc/cpuinfo has it."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+                    "\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n")
+    kernels = torch.backends.cpu.get_cpu_capability()
+    assert common.describe_machine("cpu", info) == f"AMD EPYC family 25 model 1, {kernels} kernels, torch {torch.__version__}"
+    assert common.describe_machine("cpu", tmp_path / "absent") == f"unknown CPU, {kernels} kernels, torch {torch.__version__}"
+
+
 # ----------------------------------------------------------------------------- reliability
 
 import signal

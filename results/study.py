@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from common import SEED, fail, positive, positive_int, pyplot, save_figure  # noqa: E402
+from common import SEED, describe_machine, fail, positive, positive_int, pyplot, save_figure  # noqa: E402
 
 ARMS = {  # name: pretrain.py flags; "best" stands for the best linear arm's alpha_min
     "none": ["--alpha-schedule", "none"],
@@ -68,8 +68,8 @@ def blr_tag(blr):
 def machine():
     import torch
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} + {os.cpu_count()} CPU cores"
-    return f"{os.cpu_count()} CPU cores"
+        return f"{describe_machine('cuda')} + {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()} CPU cores: {describe_machine('cpu')}"
 
 
 def sh(*args, timeout=None, log=None):

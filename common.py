@@ -221,7 +221,14 @@ def peak_flops(device):
 # ---- output
 
 def beside(checkpoint, filename):
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), filename)
+    """filename in the checkpoint's folder, named after any checkpoint but ckpt.pt, so that a kept ckpt_epoch010.pt
+    (-> probe_epoch010.json) or a weights file does not share a report with the run's ckpt.pt."""
+    folder, name = os.path.split(os.path.abspath(checkpoint))
+    stem = os.path.splitext(name)[0]
+    if stem != "ckpt":
+        base, ext = os.path.splitext(filename)
+        filename = f"{base}_{stem.removeprefix('ckpt_')}{ext}"
+    return os.path.join(folder, filename)
 
 
 def save_json(path, report):

@@ -31,9 +31,10 @@ PROBE = dict(epochs=50, warmup_epochs=5, batch_size=256, lr=1e-2, weight_decay=0
 KNN = dict(k=20, t=0.07)  # DINO's weighted k-NN
 POOLINGS = {"cls": lambda tokens: tokens[:, 0], "mean": lambda tokens: tokens[:, 1:].mean(dim=1)}  # 0 is cls
 HEADLINE = "mean"
-HEADLINE_WHY = ("Headline: the mean of the last block's patch tokens (after the final norm), the pooling of the "
-                "authors' own probe and of SPEC section 7; an MAE's cls token gets no loss of its own and is weak "
-                "after short training. Both poolings are reported per layer.")
+HEADLINE_WHY = ("Headline: the mean of the last block's patch tokens after the final norm (MAE's global-pool "
+                "features; the authors' quick probe averages all tokens, cls included, of an encoder without one); "
+                "an MAE's cls token gets no loss of its own and is weak after short training. Both poolings are "
+                "reported per layer.")
 
 
 def add_common_args(parser):
@@ -260,7 +261,8 @@ def build_parser():
     a("--n-test", type=non_negative_int, default=1500, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--epochs", type=positive_int, default=PROBE["epochs"], help="linear-probe epochs (default %(default)s)")
     a("--lr", type=positive, default=PROBE["lr"], help="linear-probe AdamW learning rate (default %(default)s)")
-    a("--out", type=json_file, help="JSON path (default: probe.json beside the checkpoint, probe_compare.json with --compare)")
+    a("--out", type=json_file, help="JSON path (default: probe.json beside the checkpoint, probe_compare.json with --compare; "
+      "probe_<name>.json and probe_compare_<name>.json for a checkpoint not called ckpt.pt)")
     return parser
 
 
@@ -271,6 +273,9 @@ def probe_splits(name, img_size, root, args):
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     n_val = min(args.n_val, len(order) // 2)
     n_train = min(args.n_train or len(order), len(order) - n_val)
+    if n_train < 2:  # one image has no feature variance to normalise by: every head would predict one class
+        fail(f"{name}: the linear probe needs at least 2 train images; the sample holds {n_train} "
+             f"(--n-train {args.n_train}, {len(order)} train images, {n_val} of them for validation)")
     splits = {"train": torch.utils.data.Subset(train, sorted(order[:n_train])),
               "test": get_split(name, "test", img_size, root, args.n_test)}
     if n_val:
@@ -308,8 +313,9 @@ def probe_checkpoint(path, model, ckpt, args, out):
               "config": asdict(cfg), "alphas": model.alphas, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
               "headline": head | {"why": HEADLINE_WHY}, "probe_recipe": recipe, "knn": KNN, "layers": rows,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}}
-    save_json(out, report)
-    plot_accuracy([report], os.path.splitext(out)[0] + ".png", f"{schedule_label(cfg)}, {name}")
+    if out:
+        save_json(out, report)
+        plot_accuracy([report], os.path.splitext(out)[0] + ".png", f"{schedule_label(cfg)}, {name}")
     return report
 
 
@@ -329,13 +335,12 @@ def print_comparison(reports):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     paths = [args.checkpoint, *args.compare]
-    alone = args.out if not args.compare and args.out else None
     loaded = [load_model(path) for path in paths]  # all of them, and their blocks checked, before any file is written
     if len({tuple(parse_layers(args.layers, model.config.depth)) for model, _ in loaded}) > 1:
         fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")
     args.data, args.data_root = data_source(loaded[0][1], args, paths[0])  # every checkpoint is probed on these
-    reports = [probe_checkpoint(path, model, ckpt, args, alone or beside(path, "probe.json"))
-               for path, (model, ckpt) in zip(paths, loaded)]
+    alone = None if args.compare else args.out or beside(args.checkpoint, "probe.json")  # --compare: one file for all
+    reports = [probe_checkpoint(path, model, ckpt, args, alone) for path, (model, ckpt) in zip(paths, loaded)]
     if args.compare:
         print_comparison(reports)
         out = save_json(args.out or beside(args.checkpoint, "probe_compare.json"), {"checkpoints": reports})

@@ -98,7 +98,8 @@ def build_parser():
     a("--n", type=non_negative_int, default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--n-tokens", type=non_negative_int, default=512,
       help="of those, images (spread evenly) whose own token matrices are ranked (default %(default)s)")
-    a("--out", type=json_file, help="JSON path (default: rank.json beside the checkpoint, rank_compare.json with --compare)")
+    a("--out", type=json_file, help="JSON path (default: rank.json beside the checkpoint, rank_compare.json with "
+      "--compare; rank_<name>.json and rank_compare_<name>.json for a checkpoint not called ckpt.pt)")
     return parser
 
 

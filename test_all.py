@@ -1005,6 +1005,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{run}/ckpt.pt --data imagenett", "unknown dataset"),
     (PROBE, "{run}/ckpt.pt --compare {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),  # run's probe.json kept
     (PROBE, "{run}/ckpt.pt --compare {tmp}/shallow.pt", "--compare: the checkpoints have different depths"),
+    (PROBE, "{run}/ckpt.pt --n-train 1", "the linear probe needs at least 2 train images; the sample holds 1"),
     (RANK, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (RANK, "{tmp}/notes.txt", "is not a checkpoint"),
     (RANK, "{run}/ckpt.pt --data {tmp}/empty", "missing or empty data folder"),
@@ -1346,13 +1347,14 @@ def test_validation_sample_is_disjoint_from_the_probe_sample():
 def test_probe_and_rank_end_to_end(finished_run):
     ckpt = finished_run / "run" / "ckpt.pt"
     out = call(PROBE, ckpt, "--n-train", 200, "--n-test", 100, "--epochs", 3, "--layers", "1,12").stdout
-    result = json.load(open(finished_run / "run" / "probe.json"))
+    result = alone_probe = json.load(open(finished_run / "run" / "probe.json"))
     assert [r["layer"] for r in result["layers"]] == [1, 12] and result["n_test"] == 100
     assert result["headline"]["pooling"] in out and "k-NN" in out
     assert all(0 <= r["lp_mean"] <= 100 and 0 <= r["knn_cls"] <= 100 for r in result["layers"])
     out = call(PROBE, ckpt, "--compare", ckpt, "--n-train", 200, "--n-val", 100, "--n-test", 100, "--epochs", 3,
               "--layers", "1,12").stdout
     result = json.load(open(finished_run / "run" / "probe_compare.json"))
+    assert json.load(open(finished_run / "run" / "probe.json")) == alone_probe  # --compare leaves each run's own
     first, second = result["checkpoints"]
     assert first["layers"] == second["layers"] and first["n_val"] == 100 and "(+0.0/+0.0)" in out
     assert first["headline"]["best_linear_probe"]["layer"] in (1, 12) and "best linear probe block" in out
@@ -1364,6 +1366,13 @@ def test_probe_and_rank_end_to_end(finished_run):
     call(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt)  # as probe.py: its own file, rank.json kept
     both = json.load(open(finished_run / "run" / "rank_compare.json"))["checkpoints"]
     assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
+
+
+def test_reports_are_named_after_their_checkpoint(tmp_path):
+    """A run's ckpt.pt gets probe.json; a kept copy or a weights file in the same folder gets its own name."""
+    assert common.beside(tmp_path / "ckpt.pt", "probe.json") == str(tmp_path / "probe.json")
+    assert common.beside(tmp_path / "ckpt_epoch010.pt", "probe.json") == str(tmp_path / "probe_epoch010.json")
+    assert common.beside(tmp_path / "mae_vit_b.pth", "rank_compare.json") == str(tmp_path / "rank_compare_mae_vit_b.json")
 
 
 def test_probe_compare_reads_every_checkpoint_on_the_first_ones_data(finished_run, tmp_path):

@@ -64,7 +64,7 @@ def as_residual_twin(ckpt_path, twin_path):
 def probe_same_function(decayed_folder, out):
     """Largest |LP| and |k-NN| difference over blocks between the decayed run and its residual rewrite."""
     twin_folder, result = os.path.join(out, "decayed_as_residual"), os.path.join(out, "probe_same_function.json")
-    os.makedirs(twin_folder, exist_ok=True)  # probe.py also writes a probe.json beside each checkpoint it reads
+    os.makedirs(twin_folder, exist_ok=True)
     twin = os.path.join(twin_folder, "ckpt.pt")
     as_residual_twin(os.path.join(decayed_folder, "ckpt.pt"), twin)
     sh("probe.py", os.path.join(decayed_folder, "ckpt.pt"), "--compare", twin, "--out", result,

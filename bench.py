@@ -146,10 +146,10 @@ def bench_steps(args, cfg, device):
             torch.cuda.reset_peak_memory_stats(device)
         sec = seconds_per_step(model, device, imgs, args.steps, warmup=10 if args.compile else 3)
         img_s = args.batch_size / sec
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
         mfu = f"{flops * img_s / peak:6.1%}" if peak else "   n/a"
         results[label] = img_s
-        print(f"  {label:<30} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem:.2f} GiB")
+        print(f"  {label:<30} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem}")
     if len(results) == 2:
         first, second = results.values()
         print(f"  ratio ours / timm reference: {first / second:.2f}x")

@@ -21,9 +21,12 @@ SCHEDULES = ("none", "linear", "cosine", "exp", "step")
 
 
 def alpha(t, schedule="linear", alpha_min=0.6):
-    """Weight of the identity shortcut at relative depth t in [0, 1]: 1 at t = 0, alpha_min at t = 1."""
+    """Weight of the identity shortcut at relative depth t in [0, 1]: 1 at t = 0, alpha_min at t = 1.
+    A new schedule: its name in SCHEDULES above, its formula here. Checkpoints store the alphas they trained with,
+    so editing an existing formula makes its old checkpoints refuse to load instead of loading as another net."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown alpha schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown alpha schedule {schedule!r}; choose one of {', '.join(SCHEDULES)} "
+                         "(a new one goes into SCHEDULES and alpha() in model.py)")
     if not 0 < alpha_min <= 1:
         raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min}")
     if schedule == "none":
@@ -36,6 +39,7 @@ def alpha(t, schedule="linear", alpha_min=0.6):
         return alpha_min ** t
     if schedule == "step":
         return 1.0 if t < 0.5 else alpha_min
+    raise ValueError(f"alpha schedule {schedule!r} is in SCHEDULES but alpha() has no formula for it")
 
 
 def encoder_alphas(depth, schedule, alpha_min):
@@ -44,13 +48,25 @@ def encoder_alphas(depth, schedule, alpha_min):
     return [alpha(k / (n - 1), schedule, alpha_min) for k in range(n)]
 
 
+def check_alphas(ckpt):
+    """Refuse a checkpoint whose stored schedule alphas are not what alpha() gives now (it was edited since)."""
+    cfg = ckpt["config"]
+    now = encoder_alphas(cfg["depth"], cfg["alpha_schedule"], cfg["alpha_min"])
+    for k, (then, today) in enumerate(zip(ckpt.get("alphas", now), now)):
+        if not math.isclose(then, today, rel_tol=1e-9):
+            raise ValueError(f"trained with alpha schedule {cfg['alpha_schedule']!r} giving {then:.4f} at sub-layer {k}, "
+                             f"but alpha() now gives {today:.4f}: restore alpha(), or give the edited schedule its own "
+                             "name in SCHEDULES")
+
+
 def shortcut_weights(cfg):
     """The alphas the encoder uses: the schedule's, or all 1 when decay is taken as a learning rate."""
     return [1.0] * 2 * cfg.depth if cfg.decay_as_lr else encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
 
 
 def stream_scales(depth, schedule, alpha_min):
-    """c_k = alpha_0 * ... * alpha_k: the decayed stream after sub-layer k is c_k times the residual one (SPEC 8)."""
+    """c_k = alpha_0 * ... * alpha_k: the decayed stream after sub-layer k is c_k times the residual one (README:
+    "Decay is a learning rate")."""
     return list(itertools.accumulate(encoder_alphas(depth, schedule, alpha_min), operator.mul))
 
 
@@ -241,9 +257,10 @@ class MAE(nn.Module):
     def decay_scales(self):
         """{parameter name: s} under decay_as_lr, else {}. The residual encoder whose parameters are s times the
         decayed encoder's computes the same function (exactly, but for LayerNorm's eps), so AdamW trains it the
-        same way with that tensor's lr x s, eps / s and weight decay / s (SPEC 8). Each branch's last layer
-        reads s = 1 / c_k; a skip reads block b's raw output (scale c of its MLP sub-layer; the deepest skip
-        reads after the final norm, scale 1): its encoder-side fc1 takes s = c, its mask token 1 / c."""
+        same way with that tensor's lr x s, eps / s and weight decay / s (README: "Decay is a learning rate").
+        Each branch's last layer reads s = 1 / c_k; a skip reads block b's raw output (scale c of its MLP
+        sub-layer; the deepest skip reads after the final norm, scale 1): its encoder-side fc1 takes s = c, its mask
+        token 1 / c."""
         cfg = self.config
         if not cfg.decay_as_lr:
             return {}
@@ -297,13 +314,16 @@ class MAE(nn.Module):
 
     def checkpoint(self, **training_state):
         """The one checkpoint format: plain dicts and tensors, so torch.load(weights_only=True) reads it."""
-        return {"config": asdict(self.config), "model": self.state_dict(), **training_state}
+        cfg = self.config
+        return {"config": asdict(cfg), "alphas": encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min),
+                "model": self.state_dict(), **training_state}
 
     @classmethod
     def from_checkpoint(cls, source, heads=None):
         """Rebuild from a pretrain.py checkpoint (path or dict) or a timm / facebookresearch-mae ViT state_dict."""
         ckpt = torch.load(source, map_location="cpu", weights_only=True) if not isinstance(source, dict) else source
         if "config" in ckpt and "model" in ckpt:
+            check_alphas(ckpt)
             model = cls(MAEConfig(**ckpt["config"]))
             model.load_state_dict(ckpt["model"])
             return model

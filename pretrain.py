@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -26,7 +27,7 @@ import device_data
 from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, describe_machine, fail, flops_per_image, fraction,
                     load_checkpoint, lr_at, non_negative, non_negative_int, peak_flops, pick_device, positive,
                     positive_int, real, rng_states, save_atomic, set_rng_states)
-from model import MAE, PRESETS, SCHEDULES, encoder_alphas, patchify, preset, stream_scales, unpatchify
+from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
 
@@ -52,6 +53,22 @@ def optimizer_and_scaler(model, weight_decay, device):
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
     return optimizer, torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
+
+
+class CtrlC:
+    """Ctrl-C in a one-process run: the step under way finishes, is saved, and the run stops (exit 130); a second
+    Ctrl-C stops at once. Under torchrun the processes would first have to agree on a step: there it stops as usual."""
+    pressed = False
+
+    @classmethod
+    def press(cls, signum, frame):
+        cls.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: saving after this step, then stopping (Ctrl-C again stops at once, unsaved)", flush=True)
+
+
+def ignore_ctrl_c(worker_id):  # loader workers leave Ctrl-C to the main process, which finishes its step
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -182,6 +199,10 @@ def resolve_resume(args, given):
     ckpt = load_checkpoint(path)
     if "args" not in ckpt or "optimizer" not in ckpt:
         fail(f"--resume: {path} has no training state; it is not a pretrain.py checkpoint")
+    try:
+        check_alphas(ckpt)
+    except ValueError as error:
+        fail(f"--resume: {path} was {error}")
     clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {ckpt['args'][k]})"
                for k in RUN_FLAGS if k in given and k in ckpt["args"] and given[k] != ckpt["args"][k]]
     if clashes:
@@ -337,7 +358,8 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
         else:
             order = epoch_order(len(items), args.seed, epoch, first, args.batch_size, args.accum_steps, rank, world)
             batches = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=args.batch_size // world,
-                                                  num_workers=args.workers, pin_memory=cuda)  # this process's share
+                                                  num_workers=args.workers, pin_memory=cuda,  # this process's share
+                                                  worker_init_fn=ignore_ctrl_c)
         for i, (imgs, noise) in enumerate(batches):
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             last_micro = (i + 1) % args.accum_steps == 0
@@ -357,7 +379,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
             every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
-            save_now = step == total or every  # alike on every rank
+            save_now = step == total or every or CtrlC.pressed  # alike on every rank (Ctrl-C: one process only)
             keep_now = step % steps_per_epoch == 0 and args.keep_every and (epoch + 1) % args.keep_every == 0  # whole epochs
             log_now = step % args.log_every == 0 or end_of_epoch or save_now  # a resume's log line starts at a save too
             if log_now:  # the only host syncs of the loop; before a save the weights are checked too
@@ -386,6 +408,10 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
+            if CtrlC.pressed:
+                print(f"stopped by Ctrl-C after step {step}, saved to {ckpt_path}; the same command with --resume "
+                      "goes on from there", file=sys.stderr)
+                sys.exit(130)
             if step >= total:
                 break
     if master:
@@ -440,4 +466,10 @@ def keep_log_until(log_path, step):
 
 
 if __name__ == "__main__":
-    main()
+    if "RANK" not in os.environ:
+        signal.signal(signal.SIGINT, CtrlC.press)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("error: stopped by a second Ctrl-C; nothing was saved after the last checkpoint", file=sys.stderr)
+        sys.exit(130)

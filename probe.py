@@ -23,7 +23,7 @@ from model import MAE
 from common import (WORKERS, Parser, autocast, beside, fail, json_file, load_checkpoint, lr_at, non_negative_int,
                     one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json)
 
-# Reference: SPEC section 5. MAE protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
+# Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
 # 200 epochs, features computed once. Ours: MAE's head (weight decay 0) trained with the authors' AdamW lr 1e-2
 # on features computed once; for speed batch 256, 50 epochs, 5 warm-up, per-step cosine.

@@ -1,4 +1,4 @@
-"""Effective rank of a frozen MAE encoder's features at every block (SPEC section 5; Roy & Vetterli 2007).
+"""Effective rank of a frozen MAE encoder's features at every block (Roy & Vetterli 2007; RankMe, Garrido et al. 2023).
 
     python rank.py out/ckpt.pt
     python rank.py runs/none/ckpt.pt --compare runs/linear/ckpt.pt runs/exp/ckpt.pt
@@ -18,7 +18,7 @@ import data
 from common import Parser, beside, fail, json_file, non_negative_int, one_thread, pick_device, pyplot, save_figure, save_json
 from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
 
-COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "one image's tokens"}
+COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "each image's tokens, mean over M"}
 
 
 def singular_values(matrices):
@@ -76,6 +76,20 @@ def print_table(result):
               f"{r['tokens']:>7.2f}")
 
 
+def print_comparison(results):
+    """Patch-mean rank per block, side by side, with each checkpoint's difference to the first."""
+    ranks = [{r["layer"]: r["mean"] for r in result["layers"]} for result in results]
+    print(f"\npatch mean, effective rank over {results[0]['n_images']} images; in brackets the difference to [0]")
+    print(f"{'block':>5}  " + "  ".join(f"{f'[{i}]':>17}" for i in range(len(results))))
+    for layer in sorted(set().union(*ranks)):
+        cells = [f"{rank[layer]:.2f}" if layer in rank else "-" for rank in ranks]
+        cells[1:] = [cell + (f" ({rank[layer] - ranks[0][layer]:+.2f})" if layer in rank and layer in ranks[0] else "")
+                     for cell, rank in zip(cells[1:], ranks[1:])]
+        print(f"{layer:>5}  " + "  ".join(f"{cell:>17}" for cell in cells))
+    for i, result in enumerate(results):
+        print(f"  [{i}] {result['label']}: {result['checkpoint']}")
+
+
 def plot_ranks(results, path):
     if (plt := pyplot()) is None:
         return
@@ -85,7 +99,9 @@ def plot_ranks(results, path):
     for ax, (key, title) in zip(axes, COLUMNS.items()):
         for result, label in zip(results, labels):
             ax.plot([r["layer"] for r in result["layers"]], [r[key] for r in result["layers"]], "o-", label=label)
-        ax.set(title=title.replace("N images", f"{results[0]['n_images']:,} test images"), xlabel="encoder block", ylabel="effective rank")
+        title = title.replace("N images", f"{results[0]['n_images']:,} test images")
+        ax.set(title=title.replace("over M", f"over {results[0]['n_token_images']:,} images"), xlabel="encoder block",
+               ylabel="effective rank")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2)
     save_figure(fig, path)
 
@@ -94,7 +110,7 @@ def build_parser():
     parser = Parser(description=__doc__.split("\n")[0])
     add_common_args(parser)
     a = parser.add_argument
-    a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints, in the same table and plot")
+    a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints: a table each, one side by side, one plot")
     a("--n", type=non_negative_int, default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--n-tokens", type=non_negative_int, default=512,
       help="of those, images (spread evenly) whose own token matrices are ranked (default %(default)s)")
@@ -121,6 +137,8 @@ def main(argv=None):
                         "n_token_images": n_tokens, "alphas": model.alphas, "layers": rows})
     for result in results:
         print_table(result)
+    if args.compare:
+        print_comparison(results)
     print(f"took {time.time() - start:.0f} s")
     out = save_json(args.out or beside(args.checkpoint, "rank_compare.json" if args.compare else "rank.json"), {
         "data": name, "columns": COLUMNS, "sample": "seeded random sample of the test split (seed 0); tokens: n_token_images evenly spaced in it",

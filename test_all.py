@@ -312,6 +312,18 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(model(imgs, noise=noise)[1], again(imgs, noise=noise)[1])
 
 
+def test_a_checkpoint_refuses_an_edited_alpha(tmp_path):
+    """The README invites edits to alpha(); a checkpoint trained before the edit must not load as another network."""
+    torch.save(M.MAE(tiny(alpha_schedule="linear", alpha_min=0.6)).checkpoint(), tmp_path / "ckpt.pt")
+    paper = M.alpha
+    edited = lambda t, schedule="linear", alpha_min=0.6: paper(t ** 0.5 if schedule == "linear" else t, schedule, alpha_min)
+    with mock.patch.object(M, "alpha", edited), pytest.raises(ValueError, match="sub-layer 1, but alpha.. now gives"):
+        M.MAE.from_checkpoint(str(tmp_path / "ckpt.pt"))
+    older = {k: v for k, v in torch.load(tmp_path / "ckpt.pt", weights_only=True).items() if k != "alphas"}
+    with mock.patch.object(M, "alpha", edited):  # written before checkpoints held their alphas: nothing to check
+        assert M.MAE.from_checkpoint(older).alphas[1] == pytest.approx(1 - 0.4 * (1 / 23) ** 0.5)
+
+
 def timm_layout(model):
     """The encoder's weights as timm / facebookresearch-mae name them: conv patch embedding, pos_embed."""
     cfg, sd = model.config, model.encoder.state_dict()
@@ -841,32 +853,61 @@ import signal
 import time
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path):
-    flags = ["--model", "vit_p4_32", "--max-steps", 16, "--batch-size", 16, "--save-every", 3, "--blr", 2e-3,
-             "--log-every", 1]
-    run("pretrain.py", *flags, "--out-dir", tmp_path / "whole")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *map(str, flags), "--out-dir", str(out)], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "ckpt.pt"
+STOP_FLAGS = ["--model", "vit_p4_32", "--max-steps", 16, "--batch-size", 16, "--save-every", 3, "--blr", 2e-3,
+              "--log-every", 1]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    run("pretrain.py", *STOP_FLAGS, "--out-dir", out)
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def stop_run(out, how, ready):
+    """Start the STOP_FLAGS run into out, send it signal `how` once ready() holds; (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *map(str, STOP_FLAGS), "--out-dir", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # kill as soon as a mid-run checkpoint lands
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 6:
-            break
+    while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    proc.send_signal(how)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+def resumes_to_the_whole_run(out, whole_run, stopped_at):
+    result = run("pretrain.py", "--resume", "--out-dir", out, "--log-every", 1)
+    assert f"resuming at step {stopped_at}" in result.stdout
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == whole_run["step"] == 16
+    for k in whole_run["model"]:
+        assert torch.equal(whole_run["model"][k], resumed["model"][k]), k  # bit for bit
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(1, 17))  # none lost or repeated
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, whole_run):
+    out = tmp_path / "killed"
+    ckpt = out / "ckpt.pt"
+    code, _, _ = stop_run(out, signal.SIGKILL,  # as soon as a mid-run checkpoint lands
+                          lambda: ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 6)
+    assert code == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 6 <= killed_at < 16
-    result = run("pretrain.py", "--resume", "--out-dir", out, "--log-every", 1)
-    assert f"resuming at step {killed_at}" in result.stdout
-    whole, resumed = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True), torch.load(ckpt, weights_only=True)
-    assert resumed["step"] == whole["step"] == 16
-    for k in whole["model"]:
-        assert torch.equal(whole["model"][k], resumed["model"][k]), k  # bit for bit
-    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
-    assert steps == list(range(1, 17))  # the log keeps one line per step, none lost or repeated
+    resumes_to_the_whole_run(out, whole_run, killed_at)
+
+
+def test_ctrl_c_saves_the_step_under_way_and_resumes_to_identical_weights(tmp_path, whole_run):
+    """Ctrl-C saves the step it lands in (due for a save or not), exits 130 with one line, and --resume goes on."""
+    out = tmp_path / "stopped"
+    log = out / "log.jsonl"
+    code, stdout, stderr = stop_run(out, signal.SIGINT, lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
+    assert code == 130, stderr
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 4 <= stopped_at < 16 and "Ctrl-C: saving after this step" in stdout
+    assert stderr.strip().splitlines() == [f"stopped by Ctrl-C after step {stopped_at}, saved to {out / 'ckpt.pt'}; "
+                                           "the same command with --resume goes on from there"]
+    resumes_to_the_whole_run(out, whole_run, stopped_at)
 
 
 def test_resumed_log_matches_the_whole_run_and_drops_a_torn_line(tmp_path, monkeypatch):
@@ -979,6 +1020,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--data {tmp}/mismatched", "train/ and val/ need the same class folders; in one only: ['cat', 'dog']"),
     (PRETRAIN, "--data {tmp}/garbled --batch-size 4", "no image under '{tmp}/garbled/val' can be decoded"),
     (PRETRAIN, "--resume {tmp}/resized/ckpt.pt", "the run trained on 49999 images, the data now holds 50000"),
+    (PRETRAIN, "--resume {tmp}/edited/ckpt.pt", "giving 0.9655 at sub-layer 2, but alpha() now gives 0.9652"),
+    (PROBE, "{tmp}/edited/ckpt.pt", "{tmp}/edited/ckpt.pt: trained with alpha schedule 'linear' giving 0.9655"),
     (PRETRAIN, "--compile-mode reduce-overhead --accum-steps 2", "--compile-mode reduce-overhead cannot accumulate"),
     (PRETRAIN, "--resume {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),
@@ -1051,6 +1094,11 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
         os.makedirs(tmp / "resized")
         moved = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)
         torch.save({**moved, "n_train": 49999}, tmp / "resized" / "ckpt.pt")
+    if not (tmp / "edited").exists():  # the finished run, as if alpha() had been edited since it trained
+        os.makedirs(tmp / "edited")
+        trained = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)
+        trained["alphas"][2] += 3e-4
+        torch.save(trained, tmp / "edited" / "ckpt.pt")
     if not (tmp / "shallow.pt").exists():
         torch.save(M.MAE(M.preset("vit_p4_32", depth=6)).checkpoint(), tmp / "shallow.pt")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")
@@ -1363,7 +1411,8 @@ def test_probe_and_rank_end_to_end(finished_run):
     layers = alone["checkpoints"][0]["layers"]
     assert len(layers) == 12 and "linear" in out and "0.600" in out  # the schedule is shown
     assert all(1 <= r["mean"] <= 64 for r in layers)
-    call(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt)  # as probe.py: its own file, rank.json kept
+    out = call(RANK, ckpt, "--n", 64, "--n-tokens", 8, "--compare", ckpt).stdout  # its own file, rank.json kept
+    assert "difference to [0]" in out and out.count("(+0.00)") == 12  # the side-by-side table, a row per block
     both = json.load(open(finished_run / "run" / "rank_compare.json"))["checkpoints"]
     assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
 

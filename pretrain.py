@@ -408,7 +408,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
-            if CtrlC.pressed:
+            if CtrlC.pressed and step < total:  # pressed during the last step: the run ends as usual
                 print(f"stopped by Ctrl-C after step {step}, saved to {ckpt_path}; the same command with --resume "
                       "goes on from there", file=sys.stderr)
                 sys.exit(130)

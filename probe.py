@@ -135,7 +135,7 @@ def fit_linear_probes(train_x, train_y, n_classes, recipe=PROBE, device="cpu", s
         with torch.no_grad():
             train_z, train_y = heads.normalise(train_x.to(device)), train_y.to(device)
         per_epoch = math.ceil(train_z.shape[1] / recipe["batch_size"])
-        total, warmup = recipe["epochs"] * per_epoch, recipe["warmup_epochs"] * per_epoch
+        total, warmup = recipe["epochs"] * per_epoch, round(recipe["warmup_epochs"] * per_epoch)
         for step in range(total):
             if step % per_epoch == 0:
                 batches = torch.randperm(train_z.shape[1], device=device).split(recipe["batch_size"])
@@ -283,12 +283,19 @@ def probe_splits(name, img_size, root, args):
     return splits
 
 
+def probe_recipe(args):
+    """PROBE with the flags' epochs and lr; the warm-up stays the same share of the epochs (a tenth), so a short
+    probe still anneals instead of ending at its peak lr."""
+    return PROBE | {"epochs": args.epochs, "lr": args.lr,
+                    "warmup_epochs": PROBE["warmup_epochs"] * args.epochs / PROBE["epochs"]}
+
+
 def probe_checkpoint(path, model, ckpt, args, out):
     start = time.time()
     cfg, device = model.config, pick_device(args.device)
     layers, (name, root) = parse_layers(args.layers, cfg.depth), data_source(ckpt, args, path)
     splits = probe_splits(name, cfg.img_size, root, args)
-    recipe = PROBE | {"epochs": args.epochs, "lr": args.lr, "warmup_epochs": min(PROBE["warmup_epochs"], args.epochs)}
+    recipe = probe_recipe(args)
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
     print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}; {name}: "
           + " / ".join(f"{len(split)} {s}" for s, split in splits.items())

@@ -1417,6 +1417,17 @@ def test_probe_and_rank_end_to_end(finished_run):
     assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
 
 
+def test_a_short_probe_still_anneals():
+    """Warm-up is a tenth of the probe's epochs: 5 of the default 50, 0.3 of 3 (it was min(5, epochs): all warm-up)."""
+    recipe = lambda *flags: probe.probe_recipe(probe.build_parser().parse_args(["x.pt", *flags]))
+    assert recipe()["warmup_epochs"] == 5 and recipe()["epochs"] == 50
+    short = recipe("--epochs", "3")
+    assert short["warmup_epochs"] == pytest.approx(0.3)
+    per_epoch = 10
+    total, warmup = 3 * per_epoch, round(short["warmup_epochs"] * per_epoch)
+    assert warmup == 3 and common.lr_at(total - 1, total, warmup, 1.0) < 0.01  # ends near 0, not at the peak
+
+
 def test_reports_are_named_after_their_checkpoint(tmp_path):
     """A run's ckpt.pt gets probe.json; a kept copy or a weights file in the same folder gets its own name."""
     assert common.beside(tmp_path / "ckpt.pt", "probe.json") == str(tmp_path / "probe.json")

@@ -107,8 +107,8 @@ def describe_machine(device, cpuinfo="/proc/cpuinfo"):
         for line in open(cpuinfo):
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
-    name = " ".join(filter(None, [fields.get("model name"), fields.get("cpu family") and
-                                  f"family {fields['cpu family']} model {fields.get('model', '?')}"])) or "unknown CPU"
+    family = f"family {fields['cpu family']} model {fields.get('model', '?')}" if "cpu family" in fields else ""
+    name = " ".join(filter(None, [fields.get("model name"), family])) or "unknown CPU"
     return f"{name}, {torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}"
 
 

@@ -82,6 +82,8 @@ def pick_device(name="auto"):
             device = torch.device(name)
         except RuntimeError:
             fail(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        if device.type not in ("cpu", "cuda", "mps"):  # torch knows xpu, meta, hpu, ...; this code runs on these three
+            fail(f"--device {name}: not supported here; use auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             fail(f"--device {name}: no CUDA device on this machine; use --device auto or cpu")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -142,9 +144,11 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or a second Ctrl-C mid-write: no temp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise OSError(f"could not save {path} ({e.strerror or e}); the previous checkpoint is unchanged") from e
 
 
@@ -208,7 +212,7 @@ def flops_per_image(cfg, mask_ratio):
     return total
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
 def peak_flops(device):

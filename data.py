@@ -116,6 +116,10 @@ def get_dataset(data, split, img_size, train_aug, download=False, root="./data")
         except RuntimeError:  # torchvision's "Dataset not found or corrupted"
             raise DataError(f"{data} is missing or incomplete under {root!r}: "
                             f"rerun with --download, or put it under {root}") from None
+        except OSError as e:  # --download without a network (URLError), a root that cannot be written or read
+            why = getattr(e, "reason", None) or e.strerror or e
+            raise DataError(f"could not {'download' if download else 'read'} {data} {'to' if download else 'from'} "
+                            f"{root!r}: {why}") from None
     else:
         folder = os.path.join(_checked_folder(data), "val" if split == "test" else "train")
         try:

@@ -203,8 +203,10 @@ def resolve_resume(args, given):
         check_alphas(ckpt)
     except ValueError as error:
         fail(f"--resume: {path} was {error}")
-    clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {ckpt['args'][k]})"
-               for k in RUN_FLAGS if k in given and k in ckpt["args"] and given[k] != ckpt["args"][k]]
+    recorded = ckpt["args"] | {"img_size": ckpt["config"]["img_size"]}  # the args hold None for "the preset's size"
+    same = lambda k: given[k] == recorded[k] or (k == "data" and os.path.normpath(given[k]) == os.path.normpath(recorded[k]))
+    clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {recorded[k]})"
+               for k in RUN_FLAGS if k in given and k in recorded and not same(k)]
     if clashes:
         fail(f"--resume: flags do not fit the checkpoint {path}: {', '.join(clashes)}; drop them to resume")
     for k in RUN_FLAGS:
@@ -379,7 +381,8 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
             every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
-            save_now = step == total or every or CtrlC.pressed  # alike on every rank (Ctrl-C: one process only)
+            stop = CtrlC.pressed  # read once: a press after this line stops the run at the next step, saved
+            save_now = step == total or every or stop  # alike on every rank (Ctrl-C: one process only)
             keep_now = step % steps_per_epoch == 0 and args.keep_every and (epoch + 1) % args.keep_every == 0  # whole epochs
             log_now = step % args.log_every == 0 or end_of_epoch or save_now  # a resume's log line starts at a save too
             if log_now:  # the only host syncs of the loop; before a save the weights are checked too
@@ -393,9 +396,9 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                 mean_loss = loss_sum.item() / (step - steps_at_log)
                 if master:
                     mfu = f" | mfu {flops * img_s / (peak * world):5.1%}" if peak else ""
-                    eta = time.gmtime((total - step) * (now - t_log) / (step - steps_at_log))
+                    eta = duration((total - step) * (now - t_log) / (step - steps_at_log))
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                          f"{img_s:7.1f} img/s{mfu} | eta {time.strftime('%H:%M:%S', eta)}", flush=True)
+                          f"{img_s:7.1f} img/s{mfu} | eta {eta}", flush=True)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
                 loss_sum.zero_()
@@ -408,7 +411,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
-            if CtrlC.pressed and step < total:  # pressed during the last step: the run ends as usual
+            if stop and step < total:  # pressed during the last step: the run ends as usual
                 print(f"stopped by Ctrl-C after step {step}, saved to {ckpt_path}; the same command with --resume "
                       "goes on from there", file=sys.stderr)
                 sys.exit(130)
@@ -417,6 +420,12 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     if master:
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}\n"
               f"next: python probe.py {ckpt_path}   and   python rank.py {ckpt_path}")
+
+
+def duration(seconds):
+    """h:mm:ss, with whole days in front past 24 h (a ViT-B/16 run's eta is days)."""
+    days, seconds = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def optimizer_step(optimizer, scaler):

@@ -239,8 +239,9 @@ def print_table(rows, alphas):
               + (f"  {r['val_lp_mean']:>12.1f}  {r['val_knn_mean']:>8.1f}" if val else ""))
 
 
-def describe_headline(head):
-    text = f"last block {head['layer']}: linear probe {head['linear_probe']:.1f}%, k-NN {head['knn']:.1f}%"
+def describe_headline(head, depth):
+    where = "last block" if head["layer"] == depth else "deepest probed block"
+    text = f"{where} {head['layer']}: linear probe {head['linear_probe']:.1f}%, k-NN {head['knn']:.1f}%"
     for key, name in (("linear_probe", "linear probe"), ("knn", "k-NN")):
         if (best := head.get(f"best_{key}")) is not None:
             text += f"; best {name} block on validation: {best['layer']} ({best['test']:.1f}% test)"
@@ -290,6 +291,15 @@ def probe_recipe(args):
                     "warmup_epochs": PROBE["warmup_epochs"] * args.epochs / PROBE["epochs"]}
 
 
+def epochs_done(ckpt):
+    """Pretraining epochs behind a pretrain.py checkpoint (2.0 after the default run; the checkpoint's own
+    "epoch" field is the 0-based index of the epoch its step fell in); None for other weights."""
+    if "step" not in ckpt or "n_train" not in ckpt:
+        return None
+    steps_per_epoch = ckpt["n_train"] // (ckpt["args"]["batch_size"] * ckpt["args"]["accum_steps"])
+    return round(ckpt["step"] / steps_per_epoch, 6)
+
+
 def probe_checkpoint(path, model, ckpt, args, out):
     start = time.time()
     cfg, device = model.config, pick_device(args.device)
@@ -297,7 +307,8 @@ def probe_checkpoint(path, model, ckpt, args, out):
     splits = probe_splits(name, cfg.img_size, root, args)
     recipe = probe_recipe(args)
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
-    print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}; {name}: "
+    trained = "" if epochs_done(ckpt) is None else f", {epochs_done(ckpt):g} epochs trained"
+    print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}{trained}; {name}: "
           + " / ".join(f"{len(split)} {s}" for s, split in splits.items())
           + f" images (seeded samples, seed 0); {device}; feature cache {megabytes:.0f} MB")
     seconds = {"setup": time.time() - start}
@@ -312,12 +323,12 @@ def probe_checkpoint(path, model, ckpt, args, out):
     seconds["probes"] = time.time() - start - sum(seconds.values())
     print_table(rows, model.alphas)
     head = headline(rows)
-    print(f"{HEADLINE_WHY}\nheadline ({HEADLINE} pooling): {describe_headline(head)}  ["
+    print(f"{HEADLINE_WHY}\nheadline ({HEADLINE} pooling): {describe_headline(head, cfg.depth)}  ["
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "]")
     report = {"checkpoint": path, "label": schedule_label(cfg), "data": name,
               **{f"n_{s}": len(split) for s, split in splits.items()},
               "sample": "seeded random samples (seed 0); val is drawn from the train split, disjoint from train",
-              "config": asdict(cfg), "alphas": model.alphas, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+              "config": asdict(cfg), "alphas": model.alphas, "epochs_done": epochs_done(ckpt), "step": ckpt.get("step"),
               "headline": head | {"why": HEADLINE_WHY}, "probe_recipe": recipe, "knn": KNN, "layers": rows,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     if out:
@@ -336,7 +347,7 @@ def print_comparison(reports):
                      for cell, r in zip(cells[1:], reports[1:])]
         print(f"{row['layer']:>5}  " + "  ".join(f"{cell:>25}" for cell in cells))
     for i, report in enumerate(reports):
-        print(f"  [{i}] {report['label']}: {report['checkpoint']}\n      {describe_headline(report['headline'])}")
+        print(f"  [{i}] {report['label']}: {report['checkpoint']}\n      {describe_headline(report['headline'], report['config']['depth'])}")
 
 
 def main(argv=None):

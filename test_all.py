@@ -910,6 +910,26 @@ def test_ctrl_c_saves_the_step_under_way_and_resumes_to_identical_weights(tmp_pa
     resumes_to_the_whole_run(out, whole_run, stopped_at)
 
 
+def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, monkeypatch, capsys):
+    """A press that lands after a step decided not to save (here in its log line's host sync, as in a stalled
+    `| less`) must not stop that step unsaved while saying it saved: the run goes on to the next step and saves it."""
+    out, check, calls = tmp_path / "run", pretrain.stop_if_not_finite, []
+
+    def check_then_press(*args, **kwargs):  # called at every log line: steps 1, 2, 3, ...
+        check(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            pretrain.CtrlC.pressed = True
+
+    monkeypatch.setattr(pretrain.CtrlC, "pressed", False)
+    monkeypatch.setattr(pretrain, "stop_if_not_finite", check_then_press)
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_here("--model", "vit_p4_32", "--max-steps", 8, "--batch-size", 8, "--save-every", 3, "--log-every", 1,
+                      "--out-dir", out)
+    assert stopped.value.code == 130 and "after step 5, saved" in capsys.readouterr().err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5  # the step it names, not step 3's save
+
+
 def test_resumed_log_matches_the_whole_run_and_drops_a_torn_line(tmp_path, monkeypatch):
     """Saves at step 3, log lines every 2 steps: the step-4 line must not mix steps 3 and 4 in the whole run and
     step 4 alone in the resumed one. A line half-written by a killed run must not stop the resume."""
@@ -943,9 +963,33 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left on device.*previous checkpoint is unchanged"):
         common.save_atomic({"step": 2}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+
+    def ctrl_c_again(obj, f):  # the second Ctrl-C, which stops at once, lands mid-write
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", ctrl_c_again)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_resume_accepts_flags_that_say_what_the_checkpoint_holds(tmp_path):
+    """The checkpoint records no --img-size (None: the preset's 32) and data 'glyphs'; saying either again in
+    another spelling resumes, and a size that differs is refused."""
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", tmp_path)
+    pretrain_here("--resume", "--out-dir", tmp_path, "--img-size", 32, "--data", "./glyphs")
+    with pytest.raises(SystemExit):
+        pretrain_here("--resume", "--out-dir", tmp_path, "--img-size", 64)
+
+
+def test_eta_keeps_whole_days():
+    assert pretrain.duration(59.9) == "00:00:59"
+    assert pretrain.duration(23 * 3600 + 59 * 60 + 59) == "23:59:59"
+    assert pretrain.duration(51 * 3600 + 5) == "2d 03:00:05"  # 51 h, which "%H:%M:%S" alone shows as 03:00:05
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
@@ -1038,6 +1082,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--blr nan", "argument --blr: needs a finite number > 0, got 'nan'"),
     (PRETRAIN, "--device cuda:0", "--device cuda:0"),
     (PRETRAIN, "--device mps", "--device mps: MPS (Apple GPUs) is not available here"),
+    (PRETRAIN, "--device meta", "--device meta: not supported here; use auto, cpu, cuda, cuda:N or mps"),
+    (PRETRAIN, "--data cifar10 --download --data-root {tmp}/notes.txt/sub", "could not download cifar10 to"),  # no network
     ("bench.py", "--loader --batch-size 40000", "--loader needs at least 2 batches of 40000 images"),
     ("bench.py", "--steps 0", "argument --steps: needs a whole number >= 1"),
     (PROBE, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
@@ -1379,6 +1425,8 @@ def test_best_block_is_chosen_on_validation_and_reported_on_test():
     assert (head["layer"], head["linear_probe"], head["knn"]) == (3, 70.0, 90.0)  # the last block
     assert head["best_linear_probe"] == {"layer": 2, "test": 60.0, "val": 80.0}  # test alone would pick block 1
     assert head["best_knn"] == {"layer": 1, "test": 10.0, "val": 70.0}
+    assert probe.describe_headline(head, depth=3).startswith("last block 3:")
+    assert probe.describe_headline(head, depth=12).startswith("deepest probed block 3:")  # --layers 1,2,3 of 12
 
 
 def test_validation_sample_is_disjoint_from_the_probe_sample():
@@ -1397,6 +1445,7 @@ def test_probe_and_rank_end_to_end(finished_run):
     out = call(PROBE, ckpt, "--n-train", 200, "--n-test", 100, "--epochs", 3, "--layers", "1,12").stdout
     result = alone_probe = json.load(open(finished_run / "run" / "probe.json"))
     assert [r["layer"] for r in result["layers"]] == [1, 12] and result["n_test"] == 100
+    assert result["epochs_done"] == 2 * 8 / 50_000 and "deepest probed block 12" not in out  # 2 steps of 8 images
     assert result["headline"]["pooling"] in out and "k-NN" in out
     assert all(0 <= r["lp_mean"] <= 100 and 0 <= r["knn_cls"] <= 100 for r in result["layers"])
     out = call(PROBE, ckpt, "--compare", ckpt, "--n-train", 200, "--n-val", 100, "--n-test", 100, "--epochs", 3,

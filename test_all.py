@@ -1710,3 +1710,11 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
                  check=False)  # seed 0's runs must not be measured as seed 7's
     assert other.returncode == 2 and "made with --seed 0" in other.stderr and len(other.stderr.splitlines()) == 1
     assert json.loads((tmp_path / "c" / "curve.json").read_text()) == summary
+    run_dir = tmp_path / "c" / "runs" / "none"  # a begun run whose ckpt.pt was not brought back (a GPU loan's)
+    for name in ("ckpt.pt", "probe_e002.json", "rank_e002.json"):
+        (run_dir / name).unlink()
+    log = (run_dir / "log.jsonl").read_text()
+    again = call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--out", tmp_path / "c",
+                 f"--pretrain-args={tiny_run}", *quick)
+    assert "holds a begun run, measured, but no ckpt.pt" in again.stdout and (run_dir / "log.jsonl").read_text() == log
+    assert not (run_dir / "ckpt.pt").exists()  # not restarted from epoch 0 under its epoch-1 point

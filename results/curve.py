@@ -42,6 +42,10 @@ def train(name, args, extra):
     out = os.path.join(args.out, "runs", name)
     if os.path.exists(os.path.join(out, f"probe_e{args.epochs:03d}.json")):  # finished and measured before
         return
+    if not os.path.exists(os.path.join(out, "ckpt.pt")) and glob.glob(os.path.join(out, "probe_e*.json")):
+        print(f"{name}: {out} holds a begun run, measured, but no ckpt.pt: not restarting it from epoch 0 under its "
+              "points (bring its ckpt.pt back, or choose another --out)", flush=True)
+        return
     flags = arm_flags(name) + (["--blr", args.arm_blr[name]] if name in args.arm_blr else []) + ["--seed", args.seed, "--epochs", args.epochs, "--keep-every", args.every, "--out-dir", out,
                           "--log-every", 100, *extra["pretrain"], *resume_flag(out)]  # cut short before: go on
     try:

@@ -18,13 +18,14 @@
 # study: the glyphs study (results/study.py), the CPU preset in bf16: a study of its own (OUT/study), never mixed
 #        with the fp32 CPU runs
 # curve: results/curve.py, none and linear-0.8 at the study's blr, 200 epochs of the GPU default recipe (batch 256,
-#        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from results/curve_glyphs (whose
-#        ckpt.pt.gz the call must carry), trains until BUDGET_S runs out, and sends back each arm's ckpt.pt.gz in
-#        15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into results/curve_glyphs/runs/<arm>/ckpt.pt.gz).
+#        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from CURVE_FROM (default
+#        results/curve_glyphs; its runs/<arm>/ckpt.pt.gz the call must carry), trains until BUDGET_S runs out, and
+#        sends back each arm's ckpt.pt.gz in 15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into
+#        $CURVE_FROM/runs/<arm>/ckpt.pt.gz, and unpack the tar's curve/ over $CURVE_FROM).
 #        A begun, unfinished arm whose checkpoint was not carried skips the stage (CURVE_FRESH=1: a new curve from 0).
 #        CURVE_FLAGS adds runtime flags to pretrain.py (e.g. "--compile-mode reduce-overhead"); CURVE_FLAGS=auto takes
 #        that one if `fast`, run before it in the same call, saw CUDA graphs beat the default compile by 10%
-# Each stage has its own time limit, so one that overruns leaves the rest standing; study, curve and levers get what is
+# Each stage has its own time limit, so one that overruns leaves the rest standing; mfu, study, curve and levers get what is
 # left of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for packing the files.
 set -u
 OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast fast-step levers default study curve}
@@ -91,7 +92,7 @@ fi
 
 if want mfu && ! want bench; then
 stamp "mfu: ours compiled vs timm Block eager, then our step's kernels ranked by GPU time"
-timeout 200 $PY bench.py --compile $BENCH --profile
+T=$(left); timeout $(( T < 200 ? T : 200 )) $PY bench.py --compile $BENCH --profile  # within BUDGET_S: levers follow
 fi
 
 if want fast; then
@@ -150,7 +151,8 @@ if [ "${CURVE_FLAGS:-}" = auto ]; then  # CUDA graphs for the curve only if `fas
 fi
 CURVE="$OUT/curve"
 mkdir -p "$CURVE"
-[ "${CURVE_FRESH:-0}" = 1 ] || cp -r results/curve_glyphs/. "$CURVE" 2>/dev/null  # an earlier loan's JSONs and ckpt.pt.gz
+CURVE_FROM=${CURVE_FROM:-results/curve_glyphs}  # the curve this call goes on with (e.g. results/curve_glyphs_run2)
+[ "${CURVE_FRESH:-0}" = 1 ] || cp -r "$CURVE_FROM"/. "$CURVE" 2>/dev/null  # an earlier call's JSONs and ckpt.pt.gz
 for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
 UNCARRIED=$(for run in "$CURVE"/runs/*; do  # begun (a log), not finished, and no checkpoint: it would restart at 0
   [ -f "$run/log.jsonl" ] && [ ! -f "$run/ckpt.pt" ] && [ ! -f "$run/probe_e$(printf %03d ${CURVE_EPOCHS:-200}).json" ] && basename "$run"; done)

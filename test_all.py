@@ -1625,9 +1625,14 @@ def test_study_sweeps_past_an_edge_pick(tmp_path):
     call("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3")
     table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
     assert table["blr"] == 5e-3 and table["sweep"] == {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0}
+    summary = json.loads((tmp_path / "study.json").read_text())
+    summary |= {"machine": "the runs' machine", "minutes": 42.0, "command": "results/study.py --out X"}
+    (tmp_path / "study.json").write_text(json.dumps(summary))
     call("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3",
         "--extend", 0)
-    assert json.loads((tmp_path / "study.json").read_text())["table"]["none"]["blr"] == 1.5e-3
+    summary = json.loads((tmp_path / "study.json").read_text())
+    assert summary["table"]["none"]["blr"] == 1.5e-3
+    assert (summary["machine"], summary["minutes"], summary["command"]) == ("the runs' machine", 42.0, "results/study.py --out X")
 
 
 def test_spread_over_seeds_by_hand(tmp_path):

@@ -278,10 +278,12 @@ def main():
         (f"{best}-decay-as-lr", best), (f"{best}-noskips", "none-noskips"), (f"{best}-noskips", best)]
     text = markdown(table, pairs)
     print(text)
-    minutes = (time.time() - start) / 60
+    ran = {"minutes": round((time.time() - start) / 60, 1), "machine": machine(), "command": " ".join(sys.argv)}
+    if args.collect:  # the runs' own machine and command stand; a summary alone ran nothing
+        before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        ran = {k: before.get(k) for k in ran}
     json.dump({"table": table, "best_linear_alpha_min": alpha_min, "rows": rows, "epochs": args.epochs,
-               "seeds": args.seeds, "minutes": None if args.collect else round(minutes, 1), "machine": machine(),
-               "command": " ".join(sys.argv)}, open(summary_path, "w"), indent=1)
+               "seeds": args.seeds, **ran}, open(summary_path, "w"), indent=1)
     open(os.path.join(args.out, "study.md"), "w").write(text + "\n")
     figure(rows, table, args.out)
 

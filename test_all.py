@@ -1654,6 +1654,10 @@ def test_spread_over_seeds_by_hand(tmp_path):
     assert "lp_last +15.0 (one seed: no spread yet)" in result.stdout
     missing = call("results/spread.py", "--dirs", tmp_path / "s0", "--epoch", 9, "--out", tmp_path, check=False)
     assert missing.returncode == 2 and "no run of" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    for seed_dir in ("s0", "s1"):  # both curves made at seed 0: one seed counted twice is no spread
+        (tmp_path / seed_dir / "curve.json").write_text(json.dumps({"seed": 0, "epochs": 10}))
+    twice = call("results/spread.py", "--dirs", tmp_path / "s0", tmp_path / "s1", "--arms", "a", "--out", tmp_path, check=False)
+    assert twice.returncode == 2 and "two curves of the same seed" in twice.stderr
 
 
 def test_overview_reads_each_setting_by_hand(tmp_path):

@@ -13,7 +13,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import METRICS, read_run, seed_stats, stats_cells, verdict  # noqa: E402
+from study import METRICS, read_run, seed_stats, stats_cells, verdict  # noqa: E402  (it puts the repo on the path)
+from common import fail  # noqa: E402
 
 CURVE = os.path.join(HERE, "curve_glyphs_cpu_noskips")
 
@@ -28,6 +29,17 @@ def spread(dirs, arms, epoch):
             table[arm] = seed_stats(found)
             table[arm].update(seeds=len(found), runs={k: [f[k] for f in found] for k in METRICS})
     return table
+
+
+def check_dirs(dirs):
+    """Refuse --dirs that are not one curve at other seeds, where their curve.json says (older ones lack arm_blr)."""
+    made = [json.load(open(path)) for d in dirs if os.path.exists(path := os.path.join(d, "curve.json"))]
+    seeds = [m.get("seed") for m in made]
+    if len(set(seeds)) < len(seeds):
+        fail(f"--dirs: two curves of the same seed (seeds {seeds}); the spread is over seeds")
+    for key in ("epochs", "arm_blr"):
+        if len({json.dumps(m[key]) for m in made if m.get(key) is not None}) > 1:
+            fail(f"--dirs: curves made with different --{key.replace('_', '-')}: " + ", ".join(str(m.get(key)) for m in made))
 
 
 def markdown(table, epoch):
@@ -50,6 +62,7 @@ def main():
     p.add_argument("--out", help="folder for spread.json and spread.md (default: the first of --dirs)")
     args = p.parse_args()
     args.out = args.out or args.dirs[0]
+    check_dirs(args.dirs)
     table = spread(args.dirs, args.arms, args.epoch)
     if not table:
         print(f"spread.py: no run of {', '.join(args.arms)} measured at epoch {args.epoch} under {', '.join(args.dirs)}",

@@ -43,9 +43,11 @@ def build_parser():
     return p
 
 
-def synchronize(device):
+def synchronize(device):  # GPUs run ahead of the host: a timer must wait for them
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def timm_reference(cfg):

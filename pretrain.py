@@ -37,6 +37,7 @@ CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores trai
 def param_groups(model, weight_decay, eps=1e-8):
     """Weight decay on matrices and tokens (dim >= 2); biases and norm gains (1-D) are not decayed. Under
     --decay-as-lr each re-scaled tensor (model.decay_scales) has a group of its own: lr x s, eps / s, decay / s."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name
     scales, plain, scaled = model.decay_scales(), {True: [], False: []}, []
     for name, p in model.named_parameters():
         decay = weight_decay if p.dim() >= 2 else 0.0

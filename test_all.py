@@ -687,6 +687,16 @@ def test_weight_decay_groups():
     assert len(decayed) + len(plain) == len(names)
 
 
+def test_decay_as_lr_groups_survive_torch_compile():
+    """bench.py builds its optimizer from the compiled model, whose parameter names gain a prefix: the per-tensor
+    groups of --decay-as-lr must still be found (they were not: 2 groups instead of one per scaled tensor)."""
+    model = M.MAE(tiny(alpha_schedule="linear", decay_as_lr=True))
+    groups = lambda m: [(g["weight_decay"], g.get("lr_scale"), [id(p) for p in g["params"]])
+                        for g in pretrain.param_groups(m, 0.05)]
+    assert len(groups(model)) == 2 + len(model.decay_scales()) > 2
+    assert groups(torch.compile(model)) == groups(model)  # compiling is lazy: nothing runs here
+
+
 def test_flops_match_the_vit_b16_count():
     # ViT-B/16, plain MAE decoder, mask 0.75: about 19.6 GFLOPs forward (issue 6's reference figure)
     cfg = M.preset("vit_b16", decoder_skips=False)

@@ -7,19 +7,21 @@ dataset's preparation apart from training).
     python glyphs.py results/data_preview.png      # time the generator, save 16 images per class
 """
 import functools
+import hashlib
 import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+import PIL
 from PIL import Image, ImageDraw, ImageFont
 
 GLYPHS = "AEFGHKMRSX"  # no two alike under the allowed rotations or a mirror flip
-GLYPHS_VERSION = 1  # part of the disk-cache name: bump whenever the generator's output changes
 SIZE, CANVAS = 32, 64  # output side; side of the high-resolution glyph masks and of the render before 2x2 pooling
 # Nuisance knobs (ranges of uniform draws unless said otherwise), frozen in issue 12 on the `none` arm alone;
 # results/README.md has the variants tried. Wider background, contrast and ink ranges swamp the letter.
@@ -123,16 +125,23 @@ def generate(split, seed, count=None):
     return images.numpy(), labels.numpy()
 
 
+def generator_tag():
+    """Part of the cache's name: this file (knobs and code) and Pillow (the font), so an edit is never served the
+    images of the generator before it."""
+    with open(__file__, "rb") as source:
+        return hashlib.sha1(source.read() + PIL.__version__.encode()).hexdigest()[:10]
+
+
 @functools.lru_cache(maxsize=4)
 def make_glyphs(split, seed=0):
     """uint8 images [N, 32, 32] and int64 labels [N] of the "train" or "test" split, cached on disk."""
     if split not in ("train", "test"):
         raise ValueError(f"glyphs has splits 'train' and 'test', not {split!r}")
-    cache = os.path.expanduser(f"~/.cache/decayed-mae/glyphs-v{GLYPHS_VERSION}-{split}-{seed}.npz")
+    cache = os.path.expanduser(f"~/.cache/decayed-mae/glyphs-{generator_tag()}-{split}-{seed}.npz")
     try:
         with np.load(cache) as saved:
             return saved["images"], saved["labels"]
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or a damaged one: draw again
         pass
     images, labels = generate(split, seed)
     try:  # a cache that cannot be written only costs time on the next run

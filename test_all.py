@@ -433,6 +433,26 @@ def call(script, *args, check=True):
     return result
 
 
+def test_glyphs_cache_is_drawn_again_when_damaged_or_when_the_generator_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # a cache of its own
+    glyphs.make_glyphs.cache_clear()
+    try:
+        images, labels = glyphs.make_glyphs("test")
+        (cache,) = (tmp_path / ".cache" / "decayed-mae").glob("glyphs-*-test-0.npz")
+        for damage in (b"", cache.read_bytes()[:1000]):  # emptied; cut short
+            cache.write_bytes(damage)
+            glyphs.make_glyphs.cache_clear()
+            again, again_labels = glyphs.make_glyphs("test")
+            assert np.array_equal(again, images) and np.array_equal(again_labels, labels)
+        edited = tmp_path / "glyphs.py"  # a knob changed: the cache of the old generator must not be served
+        edited.write_text(open(glyphs.__file__).read().replace("NOISE = (0.0, 0.01)", "NOISE = (0.0, 0.02)"))
+        tag = glyphs.generator_tag()
+        monkeypatch.setattr(glyphs, "__file__", str(edited))
+        assert tag in cache.name and glyphs.generator_tag() != tag
+    finally:
+        glyphs.make_glyphs.cache_clear()
+
+
 def test_glyphs_are_deterministic_balanced_and_seeded():
     images, labels = glyphs.generate("test", 0, count=500)
     again_images, again_labels = glyphs.generate("test", 0, count=500)  # bypasses every cache

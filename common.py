@@ -235,10 +235,27 @@ def beside(checkpoint, filename):
     return os.path.join(folder, filename)
 
 
+def writable(path):
+    """path, after checking that a report can be written there: called before the work, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a folder")
+        os.makedirs(folder, exist_ok=True)
+        open(probe := os.path.join(folder, f".write-test{os.getpid()}"), "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e}); pass --out with a file in a folder you can write")
+    return path
+
+
 def save_json(path, report):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    except OSError as e:
+        fail(f"could not write {path} ({e.strerror or e})")
     print(f"results -> {path}")
     return path
 

@@ -21,7 +21,7 @@ from einops import rearrange
 import data
 from model import MAE
 from common import (WORKERS, Parser, autocast, beside, fail, json_file, load_checkpoint, lr_at, non_negative_int,
-                    one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json)
+                    one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json, writable)
 
 # Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -31,8 +31,9 @@ PROBE = dict(epochs=50, warmup_epochs=5, batch_size=256, lr=1e-2, weight_decay=0
 KNN = dict(k=20, t=0.07)  # DINO's weighted k-NN
 POOLINGS = {"cls": lambda tokens: tokens[:, 0], "mean": lambda tokens: tokens[:, 1:].mean(dim=1)}  # 0 is cls
 HEADLINE = "mean"
-HEADLINE_WHY = ("Headline: the mean of the last block's patch tokens after the final norm (MAE's global-pool "
-                "features; the authors' quick probe averages all tokens, cls included, of an encoder without one); "
+HEADLINE_WHY = ("Headline: the mean of the last block's patch tokens after the final norm (MAE's global pool "
+                "averages them before a norm of its own; the authors' quick probe averages all tokens, cls included, "
+                "of an encoder without a final norm); "
                 "an MAE's cls token gets no loss of its own and is weak after short training. Both poolings are "
                 "reported per layer.")
 
@@ -51,13 +52,13 @@ def load_model(path):
     ckpt = load_checkpoint(path)
     try:
         return MAE.from_checkpoint(ckpt), ckpt
-    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as error:  # not a checkpoint's layout
         fail(f"{path}: {str(error).splitlines()[0]}")
 
 
 def data_source(ckpt, args, path):
     """(dataset, torchvision root): the flags, else what the checkpoint trained on."""
-    trained = ckpt.get("args") or {}
+    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     if not (args.data or trained.get("data")):
         fail(f"{path} does not say what data it was trained on (public ViT weights?): pass --data")
     return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
@@ -294,10 +295,11 @@ def probe_recipe(args):
 def epochs_done(ckpt):
     """Pretraining epochs behind a pretrain.py checkpoint (2.0 after the default run; the checkpoint's own
     "epoch" field is the 0-based index of the epoch its step fell in); None for other weights."""
-    if "step" not in ckpt or "n_train" not in ckpt:
+    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    try:
+        return round(ckpt["step"] / (ckpt["n_train"] // (trained["batch_size"] * trained.get("accum_steps", 1))), 6)
+    except (KeyError, TypeError, ZeroDivisionError):  # not from pretrain.py
         return None
-    steps_per_epoch = ckpt["n_train"] // (ckpt["args"]["batch_size"] * ckpt["args"]["accum_steps"])
-    return round(ckpt["step"] / steps_per_epoch, 6)
 
 
 def probe_checkpoint(path, model, ckpt, args, out):
@@ -357,11 +359,12 @@ def main(argv=None):
     if len({tuple(parse_layers(args.layers, model.config.depth)) for model, _ in loaded}) > 1:
         fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")
     args.data, args.data_root = data_source(loaded[0][1], args, paths[0])  # every checkpoint is probed on these
-    alone = None if args.compare else args.out or beside(args.checkpoint, "probe.json")  # --compare: one file for all
+    out = writable(args.out or beside(args.checkpoint, "probe_compare.json" if args.compare else "probe.json"))
+    alone = None if args.compare else out  # --compare: one file for all
     reports = [probe_checkpoint(path, model, ckpt, args, alone) for path, (model, ckpt) in zip(paths, loaded)]
     if args.compare:
         print_comparison(reports)
-        out = save_json(args.out or beside(args.checkpoint, "probe_compare.json"), {"checkpoints": reports})
+        save_json(out, {"checkpoints": reports})
         plot_accuracy(reports, os.path.splitext(out)[0] + ".png", f"{reports[0]['data']}: mean pooling")
 
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 import data
-from common import Parser, beside, fail, json_file, non_negative_int, one_thread, pick_device, pyplot, save_figure, save_json
+from common import Parser, beside, fail, json_file, non_negative_int, one_thread, pick_device, pyplot, save_figure, save_json, writable
 from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "each image's tokens, mean over M"}
@@ -123,6 +123,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     start, device = time.time(), pick_device(args.device)
     models = [(path, *load_model(path)) for path in [args.checkpoint, *args.compare]]  # a list: a path may repeat
+    out = writable(args.out or beside(args.checkpoint, "rank_compare.json" if args.compare else "rank.json"))
     name, root = data_source(models[0][2], args, args.checkpoint)
     results = []
     for path, model, _ in models:
@@ -140,7 +141,7 @@ def main(argv=None):
     if args.compare:
         print_comparison(results)
     print(f"took {time.time() - start:.0f} s")
-    out = save_json(args.out or beside(args.checkpoint, "rank_compare.json" if args.compare else "rank.json"), {
+    save_json(out, {
         "data": name, "columns": COLUMNS, "sample": "seeded random sample of the test split (seed 0); tokens: n_token_images evenly spaced in it",
         "checkpoints": results, "seconds": round(time.time() - start, 1)})
     plot_ranks(results, os.path.splitext(out)[0] + ".png")

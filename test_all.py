@@ -1125,6 +1125,9 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{run}/ckpt.pt --compare {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),  # run's probe.json kept
     (PROBE, "{run}/ckpt.pt --compare {tmp}/shallow.pt", "--compare: the checkpoints have different depths"),
     (PROBE, "{run}/ckpt.pt --n-train 1", "the linear probe needs at least 2 train images; the sample holds 1"),
+    (PROBE, "{run}/ckpt.pt --out {tmp}/notes.txt/probe.json", "cannot write {tmp}/notes.txt/probe.json"),  # before the work
+    (RANK, "{run}/ckpt.pt --compare {run}/ckpt.pt --out {tmp}/notes.txt/rank.json", "cannot write {tmp}/notes.txt/rank.json"),
+    (PROBE, "{tmp}/odd.pt", "{tmp}/odd.pt: "),  # a dict, but of neither checkpoint layout
     (RANK, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (RANK, "{tmp}/notes.txt", "is not a checkpoint"),
     (RANK, "{run}/ckpt.pt --data {tmp}/empty", "missing or empty data folder"),
@@ -1175,6 +1178,8 @@ def test_bad_input_gets_one_clear_line(script, arguments, needle, finished_run, 
         trained = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)
         trained["alphas"][2] += 3e-4
         torch.save(trained, tmp / "edited" / "ckpt.pt")
+    if not (tmp / "odd.pt").exists():
+        torch.save({"model": 5}, tmp / "odd.pt")
     if not (tmp / "shallow.pt").exists():
         torch.save(M.MAE(M.preset("vit_p4_32", depth=6)).checkpoint(), tmp / "shallow.pt")
     fill = lambda text: text.format(tmp=tmp, run=tmp / "run")

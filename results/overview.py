@@ -82,7 +82,7 @@ def figure(rows, out):
                    capsize=3, label=name)
         ax.set_xticks(list(x), [label.replace(", ", "\n") + f"\n{seeds(pair)} seed{'s' * (seeds(pair) > 1)}"
                                 for label, pair in rows], fontsize=8)
-        ax.set_title(title + (" (%)" if key != "erank_last" else ""))
+        ax.set_title(title + (" (%)" if key != "erank_last" else " (the paper: lower = more abstract)"))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=9)
     fig.suptitle("glyphs: the baseline against decay, by budget (error bars: std over seeds)", x=0.3)
     fig.tight_layout(rect=(0, 0, 1, 0.93))

@@ -1750,6 +1750,11 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
     call("results/curve.py", "--arms", "none", "--out", tmp_path / "c", "--collect")  # the request is read back
     summary = json.loads((tmp_path / "c" / "curve.json").read_text())
     assert summary["curves"]["none"] == points and (summary["epochs"], summary["every"], summary["seed"]) == (2, 1, 0)
+    older = {k: v for k, v in summary.items() if k != "arm_blr"}  # a curve.json from before --arm-blr was recorded
+    (tmp_path / "c" / "curve.json").write_text(json.dumps(older))
+    call("results/curve.py", "--arms", "none", "--out", tmp_path / "c", "--collect")
+    assert json.loads((tmp_path / "c" / "curve.json").read_text()) == older  # not "arm_blr": {}, which would refuse a resume
+    (tmp_path / "c" / "curve.json").write_text(json.dumps(summary))
     other = call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--seed", 7, "--out", tmp_path / "c",
                  check=False)  # seed 0's runs must not be measured as seed 7's
     assert other.returncode == 2 and "made with --seed 0" in other.stderr and len(other.stderr.splitlines()) == 1

@@ -111,7 +111,7 @@ def figure(curves, out, heading):
         for ax, key in zip(axes, ("lp_last", "lp_best", "knn_last", "erank_last")):
             ax.plot(epochs, [p[key] for p in points], marker="o", label=name)
     titles = ("linear probe, last block (%)", "linear probe, best block (%)", "k-NN, last block (%)",
-              "effective rank, last block")
+              "effective rank, last block (the paper: lower = more abstract)")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("pretraining epochs")
@@ -161,7 +161,8 @@ def main():
         print(name, " ".join(f"e{q['epoch']}: LP {q['lp_last']:.1f} (best {q['lp_best']:.1f}) "
                              f"rank {q['erank_last']:.1f}" for q in found), flush=True)
     kept = before if args.collect else {}
-    summary = {"curves": curves, **{key: getattr(args, key) for key in RECORDED},
+    recorded = [key for key in RECORDED if key in before or not args.collect]  # a collect never invents a setting
+    summary = {"curves": curves, **{key: getattr(args, key) for key in recorded},
                "minutes": kept.get("minutes", round((time.time() - start) / 60, 1)),
                "machine": kept.get("machine", machine()), "command": kept.get("command", " ".join(sys.argv))}
     json.dump(summary, open(summary_path, "w"), indent=1)

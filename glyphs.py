@@ -126,10 +126,10 @@ def generate(split, seed, count=None):
 
 
 def generator_tag():
-    """Part of the cache's name: this file (knobs and code) and Pillow (the font), so an edit is never served the
-    images of the generator before it."""
+    """Part of the cache's name: this file (knobs and code), Pillow (the font) and torch (the random draws and the
+    resampling), so an edit or an upgrade is never served the images of the generator before it."""
     with open(__file__, "rb") as source:
-        return hashlib.sha1(source.read() + PIL.__version__.encode()).hexdigest()[:10]
+        return hashlib.sha1(source.read() + f"{PIL.__version__} {torch.__version__}".encode()).hexdigest()[:10]
 
 
 @functools.lru_cache(maxsize=4)

@@ -205,7 +205,8 @@ def resolve_resume(args, given):
     except ValueError as error:
         fail(f"--resume: {path} was {error}")
     recorded = ckpt["args"] | {"img_size": ckpt["config"]["img_size"]}  # the args hold None for "the preset's size"
-    same = lambda k: given[k] == recorded[k] or (k == "data" and os.path.normpath(given[k]) == os.path.normpath(recorded[k]))
+    same = lambda k: given[k] == recorded[k] or (k == "data" and recorded[k] not in data.DATASETS  # folders only:
+                                                 and os.path.normpath(given[k]) == os.path.normpath(recorded[k]))  # ./glyphs is one
     clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {recorded[k]})"
                for k in RUN_FLAGS if k in given and k in recorded and not same(k)]
     if clashes:

@@ -1008,12 +1008,19 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_resume_accepts_flags_that_say_what_the_checkpoint_holds(tmp_path):
-    """The checkpoint records no --img-size (None: the preset's 32) and data 'glyphs'; saying either again in
-    another spelling resumes, and a size that differs is refused."""
-    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", tmp_path)
-    pretrain_here("--resume", "--out-dir", tmp_path, "--img-size", 32, "--data", "./glyphs")
+    """The checkpoint records no --img-size (None: the preset's 32) and its image folder as given; saying either
+    again in another spelling resumes. A size that differs is refused, and so is ./glyphs for the named set
+    glyphs: that spelling names a folder."""
+    root = write_png_folder(str(tmp_path / "imgs"))
+    run_dir = tmp_path / "run"
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--data", root, "--out-dir", run_dir)
+    pretrain_here("--resume", "--out-dir", run_dir, "--img-size", 32, "--data", root + "/./")
+    for other in (["--img-size", 64], ["--data", root + "2"]):
+        with pytest.raises(SystemExit):
+            pretrain_here("--resume", "--out-dir", run_dir, *other)
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", tmp_path / "named")
     with pytest.raises(SystemExit):
-        pretrain_here("--resume", "--out-dir", tmp_path, "--img-size", 64)
+        pretrain_here("--resume", "--out-dir", tmp_path / "named", "--data", "./glyphs")
 
 
 def test_eta_keeps_whole_days():
@@ -1661,6 +1668,7 @@ def test_study_sweeps_past_an_edge_pick(tmp_path):
     table = json.loads((tmp_path / "study.json").read_text())["table"]["none"]
     assert table["blr"] == 5e-3 and table["sweep"] == {"5e-04": 50.0, "1.5e-03": 60.0, "5e-03": 70.0, "1.5e-02": 65.0}
     summary = json.loads((tmp_path / "study.json").read_text())
+    assert common.describe_machine("cpu") in summary["machine"] and summary["minutes"] is None  # none before: this machine
     summary |= {"machine": "the runs' machine", "minutes": 42.0, "command": "results/study.py --out X"}
     (tmp_path / "study.json").write_text(json.dumps(summary))
     call("results/study.py", "--collect", "--out", tmp_path, "--seeds", 0, "--arms", "none", "--blrs", "5e-4", "1.5e-3",

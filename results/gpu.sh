@@ -152,11 +152,14 @@ fi
 CURVE="$OUT/curve"
 mkdir -p "$CURVE"
 CURVE_FROM=${CURVE_FROM:-results/curve_glyphs}  # the curve this call goes on with (e.g. results/curve_glyphs_run2)
+[ "${CURVE_FRESH:-0}" = 1 ] || [ -d "$CURVE_FROM" ] || CURVE_MISSING=1  # a typo must not start a new curve silently
 [ "${CURVE_FRESH:-0}" = 1 ] || cp -r "$CURVE_FROM"/. "$CURVE" 2>/dev/null  # an earlier call's JSONs and ckpt.pt.gz
 for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
 UNCARRIED=$(for run in "$CURVE"/runs/*; do  # begun (a log), not finished, and no checkpoint: it would restart at 0
   [ -f "$run/log.jsonl" ] && [ ! -f "$run/ckpt.pt" ] && [ ! -f "$run/probe_e$(printf %03d ${CURVE_EPOCHS:-200}).json" ] && basename "$run"; done)
-if [ -n "$UNCARRIED" ]; then
+if [ -n "${CURVE_MISSING:-}" ]; then
+  echo "curve: skipped: CURVE_FROM=$CURVE_FROM is not here (carry it; or CURVE_FRESH=1 starts a new curve)"
+elif [ -n "$UNCARRIED" ]; then
   echo "curve: skipped: no ckpt.pt.gz carried for" $UNCARRIED "(carry them; or CURVE_FRESH=1 starts a new curve)"
 else
 stamp "curve: 200 epochs, probe and rank every 25"

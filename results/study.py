@@ -279,9 +279,9 @@ def main():
     text = markdown(table, pairs)
     print(text)
     ran = {"minutes": round((time.time() - start) / 60, 1), "machine": machine(), "command": " ".join(sys.argv)}
-    if args.collect:  # the runs' own machine and command stand; a summary alone ran nothing
+    if args.collect:  # the runs' own machine and command stand where a summary recorded them; a collect ran nothing
         before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-        ran = {k: before.get(k) for k in ran}
+        ran = {k: before.get(k, None if k == "minutes" else ran[k]) for k in ran}
     json.dump({"table": table, "best_linear_alpha_min": alpha_min, "rows": rows, "epochs": args.epochs,
                "seeds": args.seeds, **ran}, open(summary_path, "w"), indent=1)
     open(os.path.join(args.out, "study.md"), "w").write(text + "\n")

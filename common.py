@@ -235,15 +235,19 @@ def beside(checkpoint, filename):
     return os.path.join(folder, filename)
 
 
+def try_writing_in(folder):
+    """Create folder and write (then remove) a file in it; raises OSError where that cannot be done."""
+    os.makedirs(folder, exist_ok=True)
+    open(probe := os.path.join(folder, f".write-test{os.getpid()}"), "w").close()
+    os.remove(probe)
+
+
 def writable(path):
     """path, after checking that a report can be written there: called before the work, not after it."""
-    folder = os.path.dirname(os.path.abspath(path))
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(21, "it is a folder")
-        os.makedirs(folder, exist_ok=True)
-        open(probe := os.path.join(folder, f".write-test{os.getpid()}"), "w").close()
-        os.remove(probe)
+        try_writing_in(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e}); pass --out with a file in a folder you can write")
     return path

@@ -26,7 +26,7 @@ import data
 import device_data
 from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, describe_machine, fail, flops_per_image, fraction,
                     load_checkpoint, lr_at, non_negative, non_negative_int, peak_flops, pick_device, positive,
-                    positive_int, real, rng_states, save_atomic, set_rng_states)
+                    positive_int, real, rng_states, save_atomic, set_rng_states, try_writing_in)
 from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -205,15 +205,21 @@ def resolve_resume(args, given):
     except ValueError as error:
         fail(f"--resume: {path} was {error}")
     recorded = ckpt["args"] | {"img_size": ckpt["config"]["img_size"]}  # the args hold None for "the preset's size"
-    same = lambda k: given[k] == recorded[k] or (k == "data" and recorded[k] not in data.DATASETS  # folders only:
-                                                 and os.path.normpath(given[k]) == os.path.normpath(recorded[k]))  # ./glyphs is one
     clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {recorded[k]})"
-               for k in RUN_FLAGS if k in given and k in recorded and not same(k)]
+               for k in RUN_FLAGS if k in given and k in recorded and not same_flag(k, given[k], recorded[k])]
     if clashes:
         fail(f"--resume: flags do not fit the checkpoint {path}: {', '.join(clashes)}; drop them to resume")
     for k in RUN_FLAGS:
         setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
     return ckpt
+
+
+def same_flag(name, given, recorded):
+    """A resume's flag says what the checkpoint holds: equal, or another spelling of its image folder's path
+    (a named set is only its name: ./glyphs would be a folder)."""
+    if name == "data" and recorded not in data.DATASETS:
+        return os.path.normpath(given) == os.path.normpath(recorded)
+    return given == recorded
 
 
 def fill_defaults(args, device):
@@ -278,9 +284,7 @@ def model_config(args):
 
 def prepare_out_dir(path):
     try:
-        os.makedirs(path, exist_ok=True)
-        open(probe := os.path.join(path, f".write-test{os.getpid()}"), "w").close()
-        os.remove(probe)
+        try_writing_in(path)
     except OSError as e:
         fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")
 

@@ -56,9 +56,14 @@ def load_model(path):
         fail(f"{path}: {str(error).splitlines()[0]}")
 
 
+def trained_args(ckpt):
+    """pretrain.py's flags as the checkpoint recorded them; {} for other weights."""
+    return ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+
+
 def data_source(ckpt, args, path):
     """(dataset, torchvision root): the flags, else what the checkpoint trained on."""
-    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    trained = trained_args(ckpt)
     if not (args.data or trained.get("data")):
         fail(f"{path} does not say what data it was trained on (public ViT weights?): pass --data")
     return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
@@ -295,7 +300,7 @@ def probe_recipe(args):
 def epochs_done(ckpt):
     """Pretraining epochs behind a pretrain.py checkpoint (2.0 after the default run; the checkpoint's own
     "epoch" field is the 0-based index of the epoch its step fell in); None for other weights."""
-    trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    trained = trained_args(ckpt)
     try:
         return round(ckpt["step"] / (ckpt["n_train"] // (trained["batch_size"] * trained.get("accum_steps", 1))), 6)
     except (KeyError, TypeError, ZeroDivisionError):  # not from pretrain.py
@@ -309,7 +314,8 @@ def probe_checkpoint(path, model, ckpt, args, out):
     splits = probe_splits(name, cfg.img_size, root, args)
     recipe = probe_recipe(args)
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
-    trained = "" if epochs_done(ckpt) is None else f", {epochs_done(ckpt):g} epochs trained"
+    done = epochs_done(ckpt)
+    trained = "" if done is None else f", {done:g} epochs trained"
     print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}{trained}; {name}: "
           + " / ".join(f"{len(split)} {s}" for s, split in splits.items())
           + f" images (seeded samples, seed 0); {device}; feature cache {megabytes:.0f} MB")
@@ -330,7 +336,7 @@ def probe_checkpoint(path, model, ckpt, args, out):
     report = {"checkpoint": path, "label": schedule_label(cfg), "data": name,
               **{f"n_{s}": len(split) for s, split in splits.items()},
               "sample": "seeded random samples (seed 0); val is drawn from the train split, disjoint from train",
-              "config": asdict(cfg), "alphas": model.alphas, "epochs_done": epochs_done(ckpt), "step": ckpt.get("step"),
+              "config": asdict(cfg), "alphas": model.alphas, "epochs_done": done, "step": ckpt.get("step"),
               "headline": head | {"why": HEADLINE_WHY}, "probe_recipe": recipe, "knn": KNN, "layers": rows,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     if out:

@@ -152,8 +152,9 @@ fi
 CURVE="$OUT/curve"
 mkdir -p "$CURVE"
 CURVE_FROM=${CURVE_FROM:-results/curve_glyphs}  # the curve this call goes on with (e.g. results/curve_glyphs_run2)
-[ "${CURVE_FRESH:-0}" = 1 ] || [ -d "$CURVE_FROM" ] || CURVE_MISSING=1  # a typo must not start a new curve silently
-[ "${CURVE_FRESH:-0}" = 1 ] || cp -r "$CURVE_FROM"/. "$CURVE" 2>/dev/null  # an earlier call's JSONs and ckpt.pt.gz
+if [ "${CURVE_FRESH:-0}" != 1 ]; then  # an earlier call's JSONs and ckpt.pt.gz; a typo must not start a new curve
+  [ -d "$CURVE_FROM" ] && cp -r "$CURVE_FROM"/. "$CURVE" || CURVE_MISSING=1
+fi
 for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
 UNCARRIED=$(for run in "$CURVE"/runs/*; do  # begun (a log), not finished, and no checkpoint: it would restart at 0
   [ -f "$run/log.jsonl" ] && [ ! -f "$run/ckpt.pt" ] && [ ! -f "$run/probe_e$(printf %03d ${CURVE_EPOCHS:-200}).json" ] && basename "$run"; done)

@@ -278,10 +278,11 @@ def main():
         (f"{best}-decay-as-lr", best), (f"{best}-noskips", "none-noskips"), (f"{best}-noskips", best)]
     text = markdown(table, pairs)
     print(text)
-    ran = {"minutes": round((time.time() - start) / 60, 1), "machine": machine(), "command": " ".join(sys.argv)}
-    if args.collect:  # the runs' own machine and command stand where a summary recorded them; a collect ran nothing
+    ran = {"minutes": None if args.collect else round((time.time() - start) / 60, 1), "machine": machine(),
+           "command": " ".join(sys.argv)}
+    if args.collect:  # the runs' own machine and command stand where a summary recorded them
         before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-        ran = {k: before.get(k, None if k == "minutes" else ran[k]) for k in ran}
+        ran = {k: before.get(k, value) for k, value in ran.items()}
     json.dump({"table": table, "best_linear_alpha_min": alpha_min, "rows": rows, "epochs": args.epochs,
                "seeds": args.seeds, **ran}, open(summary_path, "w"), indent=1)
     open(os.path.join(args.out, "study.md"), "w").write(text + "\n")

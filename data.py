@@ -2,7 +2,7 @@
 embedded "glyphs" set (drawn by glyphs.py) and torchvision datasets, both held in memory as uint8 tensors, and
 ImageFolder roots with train/ and val/.
 
-Unreadable ImageFolder files are skipped lazily (the next readable item is served instead and a
+Unreadable ImageFolder files (and those over Pillow's decompression-bomb limit) are skipped lazily (the next readable item is served instead and a
 running count is printed at 1, 10, 100, ... skips), so a large folder is never pre-scanned.
 """
 import os
@@ -10,6 +10,7 @@ import sys
 
 import torch
 import torchvision
+from PIL import Image
 from torchvision.transforms import v2
 
 from glyphs import GLYPHS, make_glyphs
@@ -53,7 +54,7 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
         for offset in range(len(self)):
             try:
                 item = super().__getitem__((index + offset) % len(self))
-            except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for broken files
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's for broken or huge files
                 latest = error
                 continue
             for _ in range(offset):  # counted once a readable image is found: a folder of none gets only the error

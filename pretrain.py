@@ -200,6 +200,11 @@ def resolve_resume(args, given):
     ckpt = load_checkpoint(path)
     if "args" not in ckpt or "optimizer" not in ckpt:
         fail(f"--resume: {path} has no training state; it is not a pretrain.py checkpoint")
+    latest = os.path.join(args.out_dir, "ckpt.pt")
+    further = step_of(latest) if os.path.isfile(latest) and not os.path.samefile(latest, path) else -1
+    if further > ckpt["step"]:  # e.g. resuming a kept ckpt_epochNNN.pt of a finished run in its own folder
+        fail(f"--resume: {latest} is further along (step {further}) than {path} (step {ckpt['step']}) and "
+             f"going on there would write over it: add --out-dir to branch off in a new folder, or move {latest} away")
     try:
         check_alphas(ckpt)
     except ValueError as error:
@@ -212,6 +217,14 @@ def resolve_resume(args, given):
     for k in RUN_FLAGS:
         setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
     return ckpt
+
+
+def step_of(path):
+    """The step a checkpoint holds; -1 for a file torch cannot read, which going back may replace."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]
+    except Exception:
+        return -1
 
 
 def same_flag(name, given, recorded):
@@ -408,7 +421,6 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                     with open(log_path, "a") as f:
                         f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
                 loss_sum.zero_()
-                t_log, steps_at_log = time.time(), step
             if save_now and master:
                 save(model, optimizer, scaler, args, epoch, step, len(train_set), ckpt_path)
             if keep_now and master:
@@ -417,6 +429,8 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
+            if log_now:  # the next interval starts after the saves and the figure: img/s counts training alone
+                t_log, steps_at_log = time.time(), step
             if stop and step < total:  # pressed during the last step: the run ends as usual
                 print(f"stopped by Ctrl-C after step {step}, saved to {ckpt_path}; the same command with --resume "
                       "goes on from there", file=sys.stderr)

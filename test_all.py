@@ -529,6 +529,18 @@ def write_png_folder(root, n_per_class=6, size=40, corrupt=0):
     return root
 
 
+def test_image_folder_skips_an_image_over_the_decompression_bomb_limit(tmp_path, monkeypatch):
+    """Pillow refuses an image of more than twice MAX_IMAGE_PIXELS with DecompressionBombError, which is not an
+    OSError: the folder must serve the next image, as for a broken file, not stop the run."""
+    from PIL import Image
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=1, size=8)
+    Image.new("RGB", (64, 64)).save(os.path.join(root, "train", "cat", "0.png"))  # 4096 pixels, the first item
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # over 4000 is refused; crops of 36x36 stay under
+    monkeypatch.setattr(data.SkippingImageFolder, "skipped", 0)
+    folder = data.get_dataset(root, "pretrain", 32, train_aug=False)
+    assert folder[0][1] == 1 and data.SkippingImageFolder.skipped == 1  # the dog served in the cat's place
+
+
 def test_image_folder_loads_with_both_transforms(tmp_path):
     root = write_png_folder(str(tmp_path / "imgs"))
     train = data.get_dataset(root, "pretrain", 32, train_aug=True)
@@ -564,6 +576,17 @@ def pretrain_here(*args):
 
 def read_log(folder):
     return [json.loads(line) for line in open(folder / "log.jsonl")]
+
+
+def test_img_per_s_leaves_out_the_time_spent_saving(tmp_path, monkeypatch):
+    """A save that takes a second, at every step: each logged interval must still time its one step of 4 images
+    alone (a tiny model's step takes well under a second here), not the save before it."""
+    root = write_png_folder(str(tmp_path / "imgs"))
+    monkeypatch.setattr(pretrain, "save", lambda *args: time.sleep(1.0))
+    pretrain_here("--model", "vit_p4_32", "--data", root, "--batch-size", 4, "--epochs", 1, "--save-every", 1,
+                  "--log-every", 1, "--workers", 0, "--out-dir", tmp_path / "run")
+    seconds_per_step = [4 / e["img_per_s"] for e in read_log(tmp_path / "run")]
+    assert len(seconds_per_step) == 3 and max(seconds_per_step[1:]) < 0.5, seconds_per_step
 
 
 def test_save_every_replaces_the_epoch_end_checkpoints(tmp_path, monkeypatch):
@@ -753,18 +776,19 @@ def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path):
     assert (out / "recon_epoch001.png").exists()
 
 
-def test_image_folder_pretraining_runs_and_skips_corrupt_files(tmp_path):
+def test_image_folder_pretraining_runs_and_skips_corrupt_files(tmp_path, monkeypatch, capsys):
     root = write_png_folder(str(tmp_path / "imgs"), corrupt=2)
-    result = run("pretrain.py", "--model", "vit_p4_32", "--data", root, "--epochs", 1, "--batch-size", 14,
-                 "--out-dir", tmp_path / "run")
-    assert "skipped 1 unreadable image" in result.stderr  # 14 files, 2 broken: the one epoch meets them
+    monkeypatch.setattr(data.SkippingImageFolder, "skipped", 0)  # a count per process, here shared with other tests
+    pretrain_here("--model", "vit_p4_32", "--data", root, "--epochs", 1, "--batch-size", 14, "--workers", 0,
+                  "--out-dir", tmp_path / "run")
+    assert "skipped 1 unreadable image" in capsys.readouterr().err  # 14 files, 2 broken: the one epoch meets them
     assert M.MAE.from_checkpoint(str(tmp_path / "run" / "ckpt.pt")).config.img_size == 32
 
 
 def test_keep_every_keeps_epoch_snapshots(tmp_path):
     root = write_png_folder(str(tmp_path / "imgs"))  # 12 training images: 3 steps of 4 per epoch
-    run("pretrain.py", "--model", "vit_p4_32", "--data", root, "--epochs", 4, "--batch-size", 4, "--keep-every", 2,
-        "--out-dir", tmp_path / "run")
+    pretrain_here("--model", "vit_p4_32", "--data", root, "--epochs", 4, "--batch-size", 4, "--keep-every", 2,
+                  "--out-dir", tmp_path / "run")
     kept = sorted(f.name for f in (tmp_path / "run").glob("ckpt_epoch*.pt"))
     assert kept == ["ckpt_epoch002.pt", "ckpt_epoch004.pt"]
     assert torch.load(tmp_path / "run" / kept[0], weights_only=True)["step"] == 6
@@ -976,6 +1000,7 @@ def test_resumed_log_matches_the_whole_run_and_drops_a_torn_line(tmp_path, monke
     whole = read_log(out)
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 5, "epo')
+    (out / "ckpt.pt").unlink()  # going back in place: the later ckpt.pt moved away first, or the resume is refused
     pretrain_here("--resume", out / "step3.pt")
     resumed = read_log(out)
     assert [e["step"] for e in whole] == [e["step"] for e in resumed] == [2, 3, 4]
@@ -1029,17 +1054,19 @@ def test_eta_keeps_whole_days():
     assert pretrain.duration(51 * 3600 + 5) == "2d 03:00:05"  # 51 h, which "%H:%M:%S" alone shows as 03:00:05
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out)
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out)
     before = (out / "ckpt.pt").read_bytes()
     blown = torch.load(out / "ckpt.pt", weights_only=True)  # the same run, 28 steps more, from weights that overflow
     blown["args"]["max_steps"] = 30
     blown["model"]["encoder.patch_embed.weight"].fill_(1e38)
     torch.save(blown, out / "blown.pt")  # in the run's own folder: resuming it there is going back, not over
-    result = run("pretrain.py", "--resume", out / "blown.pt", check=False)
-    assert result.returncode == 1
-    assert "non-finite at step" in result.stderr and "lr" in result.stderr and "untouched" in result.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        pretrain_here("--resume", out / "blown.pt")
+    error = capsys.readouterr().err
+    assert stop.value.code == 1 and "non-finite at step" in error and "lr" in error and "untouched" in error
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -1074,6 +1101,26 @@ def test_resume_from_a_checkpoint_goes_on_in_its_folder(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 3 and not (tmp_path / "out").exists()
 
 
+def test_resuming_a_kept_checkpoint_never_writes_over_a_later_one(tmp_path, capsys):
+    """A finished 2-epoch run (3 steps an epoch) keeps ckpt_epoch001.pt. Resuming that in the run's folder would
+    overwrite the later ckpt.pt and cut the log back: refused in one line, nothing touched. Branching off into a
+    new --out-dir is the way, and, resume being exact, the branch ends on the run's own final weights."""
+    root = write_png_folder(str(tmp_path / "imgs"))
+    run_dir = tmp_path / "run"
+    pretrain_here("--model", "vit_p4_32", "--data", root, "--epochs", 2, "--batch-size", 4, "--keep-every", 1,
+                  "--out-dir", run_dir)
+    before = snapshot(run_dir)
+    capsys.readouterr()  # the run's own output
+    with pytest.raises(SystemExit) as stop:
+        pretrain_here("--resume", run_dir / "ckpt_epoch001.pt")
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and len(error.splitlines()) == 1 and "further along (step 6)" in error
+    assert snapshot(run_dir) == before
+    pretrain_here("--resume", run_dir / "ckpt_epoch001.pt", "--out-dir", tmp_path / "branch")
+    final, branch = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (run_dir, tmp_path / "branch"))
+    assert branch.keys() == final.keys() and all(torch.equal(branch[k], final[k]) for k in final)
+
+
 def snapshot(root):
     """Every file under root with its bytes: to prove a refused command wrote nothing."""
     return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(root) for f in fs}
@@ -1082,7 +1129,7 @@ def snapshot(root):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
-    run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out / "run")
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out / "run")
     return out
 
 

@@ -2,15 +2,19 @@
 embedded "glyphs" set (drawn by glyphs.py) and torchvision datasets, both held in memory as uint8 tensors, and
 ImageFolder roots with train/ and val/.
 
-Unreadable ImageFolder files (and those over Pillow's decompression-bomb limit) are skipped lazily (the next readable item is served instead and a
-running count is printed at 1, 10, 100, ... skips), so a large folder is never pre-scanned.
+ImageFolder files and folders whose names start with "." (macOS's ._x.jpg, .ipynb_checkpoints) are not data.
+Unreadable files (and those over Pillow's decompression-bomb limit) are skipped lazily: the next readable item
+is served instead, and a running count of the files found unreadable is printed at 1, 10, 100, ..., so a large
+folder is never pre-scanned. 16-bit and float images are scaled to 8 bits (PIL's convert("RGB") would clip them).
 """
 import os
 import sys
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
 from glyphs import GLYPHS, make_glyphs
@@ -46,21 +50,53 @@ class TensorImages(torch.utils.data.Dataset):
         return self.transform(self.images[index].expand(3, -1, -1)), int(self.labels[index])
 
 
+def load_rgb(path):
+    """An image file as 8-bit RGB: 16-bit integer images divided by 257 (65535 -> 255), float ones read as 0..1."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            scale = 255 if image.mode == "F" else 1 / 257
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) * scale).round().clip(0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
+def visible_image(path):
+    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
+def class_folders(path):
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
 class SkippingImageFolder(torchvision.datasets.ImageFolder):
     """An ImageFolder that serves the next readable image in place of one that fails to decode."""
-    skipped = 0  # per process: each DataLoader worker keeps its own count
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=visible_image)
+        self.bad = set()  # indices found unreadable, per process: each DataLoader worker keeps its own
+
+    def find_classes(self, directory):
+        classes = class_folders(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
 
     def __getitem__(self, index):
+        found_bad = []
         for offset in range(len(self)):
-            try:
-                item = super().__getitem__((index + offset) % len(self))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's for broken or huge files
-                latest = error
+            i = (index + offset) % len(self)
+            if i in self.bad:
                 continue
-            for _ in range(offset):  # counted once a readable image is found: a folder of none gets only the error
-                SkippingImageFolder.skipped = count = SkippingImageFolder.skipped + 1
-                if str(count).strip("0") == "1":  # report at 1, 10, 100, ... skips
-                    print(f"warning: skipped {count} unreadable image(s), latest: {latest}", file=sys.stderr)
+            try:
+                item = super().__getitem__(i)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's for broken or huge files
+                found_bad.append((i, error))
+                continue
+            for unreadable, error in found_bad:  # counted once a readable image is found: a folder of none gets only the error
+                self.bad.add(unreadable)
+                if str(len(self.bad)).strip("0") == "1":  # report at 1, 10, 100, ... files
+                    print(f"warning: skipped {len(self.bad)} unreadable image(s), latest {self.samples[unreadable][0]}: "
+                          f"{error}", file=sys.stderr)
             return item
         raise DataError(f"no image under {self.root!r} can be decoded: replace the files in the data folder")
 
@@ -94,11 +130,14 @@ def _checked_folder(data):
     if os.sep not in data and not os.path.exists(data):
         raise DataError(f"unknown dataset {data!r}: use one of {', '.join(DATASETS)}, "
                         "or a path to an ImageFolder root with train/ and val/")
-    for part in (os.path.join(data, "train"), os.path.join(data, "val")):
-        if not os.path.isdir(part) or not os.listdir(part):
-            raise DataError(f"missing or empty data folder {part!r}: an ImageFolder root needs "
-                            "train/ and val/, each with one folder of images per class")
-    train, val = (sorted(e.name for e in os.scandir(os.path.join(data, p)) if e.is_dir()) for p in ("train", "val"))
+    try:
+        for part in (os.path.join(data, "train"), os.path.join(data, "val")):
+            if not os.path.isdir(part) or not os.listdir(part):
+                raise DataError(f"missing or empty data folder {part!r}: an ImageFolder root needs "
+                                "train/ and val/, each with one folder of images per class")
+        train, val = (class_folders(os.path.join(data, p)) for p in ("train", "val"))
+    except OSError as error:  # e.g. a folder this user may not read
+        raise DataError(f"cannot read the data folder {error.filename!r}: {error.strerror}") from None
     if train != val:  # else labels would silently mean other classes in val/
         raise DataError(f"{data}: train/ and val/ need the same class folders; in one only: {sorted(set(train) ^ set(val))}")
     return data

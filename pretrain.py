@@ -216,6 +216,10 @@ def resolve_resume(args, given):
         fail(f"--resume: flags do not fit the checkpoint {path}: {', '.join(clashes)}; drop them to resume")
     for k in RUN_FLAGS:
         setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
+    args.data = given.get("data", args.data)  # the folder where it is now
+    if args.data not in data.DATASETS and not os.path.isdir(args.data):
+        fail(f"--resume: {path} trained on the image folder {args.data}, which is not there: pass --data with where "
+             "it is now")
     return ckpt
 
 
@@ -228,10 +232,12 @@ def step_of(path):
 
 
 def same_flag(name, given, recorded):
-    """A resume's flag says what the checkpoint holds: equal, or another spelling of its image folder's path
-    (a named set is only its name: ./glyphs would be a folder)."""
+    """A resume's flag says what the checkpoint holds: equal, another spelling of its image folder's path, or
+    the folder's new place once the recorded one is gone (build() checks the image count). A named set is only
+    its name: ./glyphs would be a folder."""
     if name == "data" and recorded not in data.DATASETS:
-        return os.path.normpath(given) == os.path.normpath(recorded)
+        moved = os.path.isdir(given) and not os.path.isdir(recorded)
+        return moved or os.path.realpath(given) == os.path.realpath(recorded)
     return given == recorded
 
 
@@ -271,6 +277,8 @@ def build(args, world):
     if args.warmup_epochs > args.epochs:
         fail(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): "
              "the lr would never reach its peak")
+    if args.data not in data.DATASETS and os.path.isdir(args.data):
+        args.data = os.path.abspath(args.data)  # so recorded: probe.py and --resume find it from any folder
     cfg = model_config(args)
     try:
         train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True,

@@ -66,6 +66,9 @@ def data_source(ckpt, args, path):
     trained = trained_args(ckpt)
     if not (args.data or trained.get("data")):
         fail(f"{path} does not say what data it was trained on (public ViT weights?): pass --data")
+    if not args.data and trained["data"] not in data.DATASETS and not os.path.isdir(trained["data"]):
+        fail(f"{path} was trained on the image folder {trained['data']}, which is not there (from {os.getcwd()}): "
+             "pass --data with where it is now")
     return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
 
 
@@ -73,6 +76,7 @@ def get_split(name, split, img_size, root, n):
     """A fixed seeded sample of n images (the whole split when n is 0), the same for every checkpoint."""
     try:
         dataset = data.get_dataset(name, split, img_size, train_aug=False, root=root)
+        dataset[0]  # a folder of no readable image fails here in one line, not as a DataLoader worker's traceback
     except data.DataError as error:
         fail(str(error))
     if not n or n >= len(dataset):

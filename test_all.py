@@ -536,9 +536,52 @@ def test_image_folder_skips_an_image_over_the_decompression_bomb_limit(tmp_path,
     root = write_png_folder(str(tmp_path / "imgs"), n_per_class=1, size=8)
     Image.new("RGB", (64, 64)).save(os.path.join(root, "train", "cat", "0.png"))  # 4096 pixels, the first item
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # over 4000 is refused; crops of 36x36 stay under
-    monkeypatch.setattr(data.SkippingImageFolder, "skipped", 0)
     folder = data.get_dataset(root, "pretrain", 32, train_aug=False)
-    assert folder[0][1] == 1 and data.SkippingImageFolder.skipped == 1  # the dog served in the cat's place
+    assert folder[0][1] == 1 and len(folder.bad) == 1  # the dog served in the cat's place
+
+
+def test_image_folder_ignores_hidden_files_and_names_each_broken_file_once(tmp_path, capsys):
+    """A folder copied from a Mac (._x.png beside each x.png, .DS_Store) or used in Jupyter (.ipynb_checkpoints)
+    holds no extra data. Two broken files in a row (indices 3 and 4 of cat's 0, 1, 2, broken0, broken1) are
+    counted once each however often they are asked for, and the warning names the file."""
+    from PIL import Image
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=3, size=8, corrupt=2)
+    for split in ("train", "val"):
+        os.makedirs(os.path.join(root, split, ".ipynb_checkpoints"))
+        Image.new("RGB", (8, 8)).save(os.path.join(root, split, ".ipynb_checkpoints", "0.png"))
+        for cls in ("cat", "dog"):
+            for name in ("._0.png", "._1.png", ".DS_Store"):
+                with open(os.path.join(root, split, cls, name), "wb") as f:
+                    f.write(b"\x00\x05\x16\x07" + bytes(100))  # AppleDouble's magic, not an image
+    folder = data.get_dataset(root, "train", 32, train_aug=False)
+    assert folder.classes == ["cat", "dog"] and len(folder) == 8 and len(data.get_dataset(root, "test", 32, False)) == 6
+    labels = [folder[i][1] for i in (*range(8), *range(8))]  # two passes
+    assert labels == [0, 0, 0, 1, 1, 1, 1, 1] * 2 and folder.bad == {3, 4}  # broken0 and broken1 served as dog 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 1 unreadable") and "broken0.png" in warnings[0]
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    """convert("RGB") clips a 16-bit image at 255 (nearly all white); the loader divides by 257 instead, and reads
+    a float image as 0..1. By hand: 257 -> 1, 32896 -> 128, 65535 -> 255; 0.5 -> 127.5, rounded to even: 128."""
+    from PIL import Image
+    deep = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], dtype=np.float32)).save(tmp_path / "float.tif")
+    assert np.asarray(data.load_rgb(tmp_path / "deep.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert np.asarray(data.load_rgb(tmp_path / "float.tif"))[0].tolist() == [[0] * 3, [128] * 3, [255] * 3, [255] * 3]
+
+
+def test_an_unreadable_data_folder_is_one_line(tmp_path, monkeypatch):
+    root = write_png_folder(str(tmp_path / "imgs"))
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    with monkeypatch.context() as patch:  # as root here, chmod 000 would not refuse
+        patch.setattr(data.os, "listdir", refuse)
+        with pytest.raises(data.DataError, match="cannot read the data folder .*train.*: Permission denied"):
+            data.get_dataset(root, "train", 32, train_aug=False)
 
 
 def test_image_folder_loads_with_both_transforms(tmp_path):
@@ -776,9 +819,8 @@ def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path):
     assert (out / "recon_epoch001.png").exists()
 
 
-def test_image_folder_pretraining_runs_and_skips_corrupt_files(tmp_path, monkeypatch, capsys):
+def test_image_folder_pretraining_runs_and_skips_corrupt_files(tmp_path, capsys):
     root = write_png_folder(str(tmp_path / "imgs"), corrupt=2)
-    monkeypatch.setattr(data.SkippingImageFolder, "skipped", 0)  # a count per process, here shared with other tests
     pretrain_here("--model", "vit_p4_32", "--data", root, "--epochs", 1, "--batch-size", 14, "--workers", 0,
                   "--out-dir", tmp_path / "run")
     assert "skipped 1 unreadable image" in capsys.readouterr().err  # 14 files, 2 broken: the one epoch meets them
@@ -1046,6 +1088,34 @@ def test_resume_accepts_flags_that_say_what_the_checkpoint_holds(tmp_path):
     pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", tmp_path / "named")
     with pytest.raises(SystemExit):
         pretrain_here("--resume", "--out-dir", tmp_path / "named", "--data", "./glyphs")
+
+
+def test_a_run_finds_its_image_folder_from_anywhere_and_after_a_move(tmp_path, monkeypatch, capsys):
+    """--data imgs (relative) is recorded as an absolute path, so probe.py finds it from another folder. Once
+    the folder has moved, probe.py and --resume say so in one line; --resume --data NEW goes on there (the same
+    image count) and records it, and --data pointing at other data with another count is still refused."""
+    monkeypatch.chdir(tmp_path)
+    write_png_folder("imgs")
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--data", "imgs", "--out-dir", "run")
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["args"]["data"] == str(tmp_path / "imgs")
+    ckpt_path = tmp_path / "run" / "ckpt.pt"
+    call(PROBE, ckpt_path, "--n-train", 8, "--n-test", 4, "--epochs", 1, "--layers", 1)  # call() runs in the repo
+    os.rename(tmp_path / "imgs", tmp_path / "moved")
+    write_png_folder(str(tmp_path / "other"), n_per_class=7)
+    capsys.readouterr()
+    for command in ([PROBE, ckpt_path], [PRETRAIN, "--resume", ckpt_path]):
+        result = call(*command, check=False)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+        assert "imgs, which is not there" in result.stderr and "pass --data" in result.stderr
+    with pytest.raises(SystemExit):
+        pretrain_here("--resume", ckpt_path, "--data", "other")  # 14 images, not the run's 12
+    assert "the run trained on 12 images, the data now holds 14" in capsys.readouterr().err
+    more = torch.load(ckpt_path, weights_only=True)
+    more["args"]["max_steps"] = 2  # one step left to go
+    torch.save(more, ckpt_path)
+    pretrain_here("--resume", ckpt_path, "--data", "moved")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["args"]["data"] == str(tmp_path / "moved")
 
 
 def test_eta_keeps_whole_days():
@@ -1527,6 +1597,18 @@ def test_validation_sample_is_disjoint_from_the_probe_sample():
     splits = probe.probe_splits(data.EMBEDDED, 32, "./data", args)
     assert len(splits["train"]) + len(splits["val"]) == len(data.get_dataset(data.EMBEDDED, "train", 32, False))
     assert not set(splits["train"].indices) & set(splits["val"].indices)
+
+
+def test_probe_and_rank_on_a_folder_of_no_readable_image_say_so_in_one_line(finished_run, tmp_path):
+    """With DataLoader workers (the default on CUDA) a worker's DataError came back as a whole traceback."""
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=2)
+    for png in (tmp_path / "imgs").glob("*/*/*.png"):
+        png.write_bytes(b"not a png")
+    ckpt = finished_run / "run" / "ckpt.pt"
+    for script, size, split in ((PROBE, "--n-train", "train"), (RANK, "--n", "val")):  # the split each reads first
+        result = call(script, ckpt, "--data", root, "--workers", 2, size, 4, "--out", tmp_path / "x.json", check=False)
+        assert result.returncode == 2 and result.stderr.splitlines() == [
+            f"error: no image under {os.path.join(root, split)!r} can be decoded: replace the files in the data folder"]
 
 
 def test_probe_and_rank_end_to_end(finished_run):

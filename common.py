@@ -135,21 +135,23 @@ def one_thread(device):
 
 # ---- checkpoints, schedules, FLOPs
 
-def save_atomic(obj, path):
-    """Write to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
+def save_atomic(obj, path, write=None):
+    """write(obj, file) (default: torch.save) to a temp file in the same folder, fsync, rename: a crash never
+    leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, or a second Ctrl-C mid-write: no temp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if not isinstance(e, OSError):
+        disk = e if isinstance(e, OSError) else e.__context__  # torch.save's RuntimeError over the OSError
+        if not isinstance(e, Exception) or not isinstance(disk, OSError):
             raise
-        raise OSError(f"could not save {path} ({e.strerror or e}); the previous checkpoint is unchanged") from e
+        raise OSError(f"could not save {path} ({disk.strerror or disk}); the file there before, if any, is unchanged") from e
 
 
 def load_checkpoint(path):
@@ -256,10 +258,9 @@ def writable(path):
 def save_json(path, report):
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        save_atomic(json.dumps(report, indent=1).encode(), path, write=lambda text, f: f.write(text))
     except OSError as e:
-        fail(f"could not write {path} ({e.strerror or e})")
+        fail(str(e) if e.strerror is None else f"could not write {path} ({e.strerror})")
     print(f"results -> {path}")
     return path
 

@@ -129,7 +129,7 @@ def reconstruction_grid(model, imgs, noise, mean_std, path):
 RUN_FLAGS = dict(model=None, img_size=None, alpha_schedule="linear", alpha_min=0.6, decay_as_lr=False, decoder_skips=True, mask_ratio=0.75,
                  data=data.EMBEDDED, epochs=None, max_steps=None, batch_size=None, accum_steps=1, blr=None,
                  weight_decay=0.05, warmup_epochs=None, seed=0, device_data=None)
-# Flags free to change between a run and its resumption.
+# Flags free to change between a run and its resumption; left out, log/save/keep-every stay the run's.
 RUNTIME_FLAGS = dict(out_dir="out", device="auto", compile=None, compile_mode=None, resume=None, workers=None,
                      log_every=20, save_every=None, keep_every=0, download=False, data_root="./data")
 
@@ -190,7 +190,7 @@ def resolve_resume(args, given):
     if held and args.resume is None:
         fail(f"--out-dir {args.out_dir} already holds a run ({os.path.basename(held[0])}): add --resume to go on "
              "with it, or choose another --out-dir")
-    if held and os.path.abspath(os.path.dirname(path)) != os.path.abspath(args.out_dir):
+    if held and os.path.realpath(os.path.dirname(path)) != os.path.realpath(args.out_dir):
         fail(f"--out-dir {args.out_dir} already holds another run ({os.path.basename(held[0])}): resuming {path} "
              "there would write over it; choose another --out-dir")
     if args.resume is None:
@@ -198,13 +198,12 @@ def resolve_resume(args, given):
     if args.resume == "auto" and not os.path.isfile(path):
         fail(f"--resume: nothing to resume in {args.out_dir} (no ckpt.pt); start a new run without --resume")
     ckpt = load_checkpoint(path)
-    if "args" not in ckpt or "optimizer" not in ckpt:
+    if not {"args", "optimizer", "step"} <= ckpt.keys():
         fail(f"--resume: {path} has no training state; it is not a pretrain.py checkpoint")
-    latest = os.path.join(args.out_dir, "ckpt.pt")
-    further = step_of(latest) if os.path.isfile(latest) and not os.path.samefile(latest, path) else -1
-    if further > ckpt["step"]:  # e.g. resuming a kept ckpt_epochNNN.pt of a finished run in its own folder
-        fail(f"--resume: {latest} is further along (step {further}) than {path} (step {ckpt['step']}) and "
-             f"going on there would write over it: add --out-dir to branch off in a new folder, or move {latest} away")
+    for other in held:  # e.g. a finished run's ckpt.pt, when one of its kept ckpt_epochNNN.pt is resumed beside it
+        if (why := in_the_way(other, path, ckpt)) and not os.path.samefile(other, path):
+            fail(f"--resume: {other} {why}, and going on in {args.out_dir} would write over it: add --out-dir to "
+                 f"branch off in a new folder, or move {os.path.basename(other)} away")
     try:
         check_alphas(ckpt)
     except ValueError as error:
@@ -216,6 +215,9 @@ def resolve_resume(args, given):
         fail(f"--resume: flags do not fit the checkpoint {path}: {', '.join(clashes)}; drop them to resume")
     for k in RUN_FLAGS:
         setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
+    for k in ("log_every", "save_every", "keep_every"):  # which files the run writes: as before, unless given again
+        if k not in given:
+            setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
     args.data = given.get("data", args.data)  # the folder where it is now
     if args.data not in data.DATASETS and not os.path.isdir(args.data):
         fail(f"--resume: {path} trained on the image folder {args.data}, which is not there: pass --data with where "
@@ -223,12 +225,21 @@ def resolve_resume(args, given):
     return ckpt
 
 
-def step_of(path):
-    """The step a checkpoint holds; -1 for a file torch cannot read, which going back may replace."""
+def in_the_way(other, path, ckpt):
+    """Why a resume of ckpt must not write over the checkpoint file `other` in its folder: a later step, or
+    another run's flags or image count (--max-steps, which a run may raise to go on, and the data's path, which
+    may move, aside). A file torch cannot read may go."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]
+        theirs = torch.load(other, map_location="cpu", mmap=True, weights_only=True)
+        step, flags, n_train = theirs["step"], theirs["args"], theirs.get("n_train")
     except Exception:
-        return -1
+        return None
+    if step > ckpt["step"]:
+        return f"is further along (step {step}) than {path} (step {ckpt['step']})"
+    differ = [f"--{k.replace('_', '-')} {flags.get(k)}" for k in RUN_FLAGS
+              if k not in ("max_steps", "data") and flags.get(k) != ckpt["args"].get(k)]
+    differ += [f"{n_train} training images"] if n_train != ckpt.get("n_train") else []
+    return f"belongs to another run ({', '.join(differ)})" if differ else None
 
 
 def same_flag(name, given, recorded):
@@ -374,6 +385,9 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
               f"peak lr {peak_lr:.2e}, warm-up {warmup} steps" + (f"; resuming at step {step}" if step else ""))
 
     loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
+    if CtrlC.pressed:  # during start-up: no step of this run to save, and the folder stays free for a new command
+        print("stopped by Ctrl-C before the first step; nothing was saved", file=sys.stderr)
+        sys.exit(130)
     t_start = t_log = time.time()
     steps_at_log = step
     while step < total:
@@ -493,13 +507,20 @@ def save(model, optimizer, scaler, args, epoch, step, n_train, path):
 
 
 def keep_log_until(log_path, step):
-    """A resumed run drops the log lines that the interrupted run wrote after its checkpoint."""
+    """A resumed run drops the log lines that the interrupted run wrote after its checkpoint, and any line that
+    is not a whole record (a write cut by a kill, a hand edit). Rewritten through a temp file, as checkpoints are."""
     if os.path.exists(log_path):
         with open(log_path) as f:
-            whole = [line for line in f if line.endswith("\n")]  # a write cut by a kill leaves a torn last line
-        lines = [line for line in whole if json.loads(line)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
+            kept = [line for line in f if (record := log_record(line)) and record["step"] <= step]
+        save_atomic("".join(kept).encode(), log_path, write=lambda text, f: f.write(text))
+
+
+def log_record(line):
+    try:
+        record = json.loads(line) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 if __name__ == "__main__":

@@ -839,6 +839,11 @@ def test_keep_every_keeps_epoch_snapshots(tmp_path):
     pretrain_here("--model", "vit_p4_32", "--data", root, "--epochs", 4, "--batch-size", 4, "--keep-every", 1,
                   "--max-steps", 4, "--out-dir", tmp_path / "capped")  # ends a third of the way into epoch 2
     assert sorted(f.name for f in (tmp_path / "capped").glob("ckpt_epoch*.pt")) == ["ckpt_epoch001.pt"]
+    more = torch.load(tmp_path / "capped" / "ckpt.pt", weights_only=True)
+    more["args"]["max_steps"] = 6  # to the end of epoch 2: a resume without --keep-every keeps its copy too
+    torch.save(more, tmp_path / "capped" / "ckpt.pt")
+    pretrain_here("--resume", "--out-dir", tmp_path / "capped")
+    assert sorted(f.name for f in (tmp_path / "capped").glob("ckpt_epoch*.pt")) == ["ckpt_epoch001.pt", "ckpt_epoch002.pt"]
 
 
 RECORDER = """# pretrain.main, recording each process's item order per epoch and its gradients at every optimizer step
@@ -1026,9 +1031,29 @@ def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, m
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5  # the step it names, not step 3's save
 
 
+def test_ctrl_c_during_start_up_stops_unsaved_and_leaves_the_folder_free(tmp_path, monkeypatch, capsys):
+    """A press while the data loads (here: as the model is built) has no step of the run to save: the run stops
+    before its first step, writes no checkpoint, and the same folder takes a new run."""
+    build = pretrain.build
+
+    def build_then_press(*args):
+        pretrain.CtrlC.pressed = True
+        return build(*args)
+
+    monkeypatch.setattr(pretrain.CtrlC, "pressed", False)
+    monkeypatch.setattr(pretrain, "build", build_then_press)
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "run")
+    assert stopped.value.code == 130 and "before the first step; nothing was saved" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("ckpt*.pt"))
+    monkeypatch.undo()
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "run")
+
+
 def test_resumed_log_matches_the_whole_run_and_drops_a_torn_line(tmp_path, monkeypatch):
     """Saves at step 3, log lines every 2 steps: the step-4 line must not mix steps 3 and 4 in the whole run and
-    step 4 alone in the resumed one. A line half-written by a killed run must not stop the resume."""
+    step 4 alone in the resumed one. A line half-written by a killed run, or any line that is not a record,
+    must not stop the resume."""
     out, save = tmp_path / "run", pretrain.save
 
     def save_and_copy(*args):  # save(model, optimizer, scaler, args, epoch, step, n_train, path)
@@ -1041,12 +1066,29 @@ def test_resumed_log_matches_the_whole_run_and_drops_a_torn_line(tmp_path, monke
     pretrain_here(*flags, "--out-dir", out)
     whole = read_log(out)
     with open(out / "log.jsonl", "a") as f:
-        f.write('{"step": 5, "epo')
+        f.write('\nnot a record\n[5]\n{"step": 5, "epo')  # a blank line, a hand edit, a line cut by a kill
     (out / "ckpt.pt").unlink()  # going back in place: the later ckpt.pt moved away first, or the resume is refused
     pretrain_here("--resume", out / "step3.pt")
     resumed = read_log(out)
     assert [e["step"] for e in whole] == [e["step"] for e in resumed] == [2, 3, 4]
     assert [e["loss"] for e in whole] == [e["loss"] for e in resumed]
+
+
+def test_a_report_that_cannot_be_written_leaves_the_old_one_whole(tmp_path, monkeypatch, capsys):
+    """save_json writes through a temp file too: a disk that fills mid-write used to leave a cut JSON file."""
+    path = tmp_path / "probe.json"
+    common.save_json(path, {"acc": 0.5})
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.os, "fsync", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        common.save_json(path, {"acc": 0.7})
+    monkeypatch.undo()
+    error = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(error) == 1 and "No space left on device" in error[0]
+    assert json.loads(path.read_text()) == {"acc": 0.5} and os.listdir(tmp_path) == ["probe.json"]
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -1057,10 +1099,17 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left on device.*previous checkpoint is unchanged"):
-        common.save_atomic({"step": 2}, path)
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    def torch_disk_full(obj, f):  # as torch.save reports it: its zip writer's RuntimeError, raised over the OSError
+        try:
+            disk_full(obj, f)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    for writer in (disk_full, torch_disk_full):
+        monkeypatch.setattr(torch, "save", writer)
+        with pytest.raises(OSError, match="No space left on device.*before, if any, is unchanged"):
+            common.save_atomic({"step": 2}, path)
+        assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
 
     def ctrl_c_again(obj, f):  # the second Ctrl-C, which stops at once, lands mid-write
         f.write(b"partial")
@@ -1174,7 +1223,8 @@ def test_resume_from_a_checkpoint_goes_on_in_its_folder(tmp_path, monkeypatch):
 def test_resuming_a_kept_checkpoint_never_writes_over_a_later_one(tmp_path, capsys):
     """A finished 2-epoch run (3 steps an epoch) keeps ckpt_epoch001.pt. Resuming that in the run's folder would
     overwrite the later ckpt.pt and cut the log back: refused in one line, nothing touched. Branching off into a
-    new --out-dir is the way, and, resume being exact, the branch ends on the run's own final weights."""
+    new --out-dir is the way, and, resume being exact, the branch ends on the run's own final weights. Any later
+    checkpoint file counts, not only ckpt.pt, and so does one of another run at the same step."""
     root = write_png_folder(str(tmp_path / "imgs"))
     run_dir = tmp_path / "run"
     pretrain_here("--model", "vit_p4_32", "--data", root, "--epochs", 2, "--batch-size", 4, "--keep-every", 1,
@@ -1189,6 +1239,20 @@ def test_resuming_a_kept_checkpoint_never_writes_over_a_later_one(tmp_path, caps
     pretrain_here("--resume", run_dir / "ckpt_epoch001.pt", "--out-dir", tmp_path / "branch")
     final, branch = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (run_dir, tmp_path / "branch"))
     assert branch.keys() == final.keys() and all(torch.equal(branch[k], final[k]) for k in final)
+    os.symlink(tmp_path, tmp_path / "link")  # the same folder by another road: the finished run ends at once
+    pretrain_here("--resume", tmp_path / "link" / "run" / "ckpt.pt", "--out-dir", run_dir)
+    (run_dir / "ckpt.pt").unlink()  # the kept copy of epoch 2 is as far along, and a resume would rewrite it too
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        pretrain_here("--resume", run_dir / "ckpt_epoch001.pt")
+    assert "ckpt_epoch002.pt is further along (step 6)" in capsys.readouterr().err
+    foreign = torch.load(run_dir / "ckpt_epoch001.pt", weights_only=True)
+    foreign["args"]["seed"] = 7  # another run's checkpoint at the same step, dropped into this run's folder
+    torch.save(foreign, run_dir / "seed7.pt")
+    shutil.copy(run_dir / "ckpt_epoch001.pt", run_dir / "ckpt.pt")
+    with pytest.raises(SystemExit):
+        pretrain_here("--resume", run_dir / "seed7.pt")
+    assert "ckpt.pt belongs to another run (--seed 0)" in capsys.readouterr().err
 
 
 def snapshot(root):

@@ -236,8 +236,8 @@ def in_the_way(other, path, ckpt):
         return None
     if step > ckpt["step"]:
         return f"is further along (step {step}) than {path} (step {ckpt['step']})"
-    differ = [f"--{k.replace('_', '-')} {flags.get(k)}" for k in RUN_FLAGS
-              if k not in ("max_steps", "data") and flags.get(k) != ckpt["args"].get(k)]
+    differ = [f"--{k.replace('_', '-')} {flags[k]}" for k in RUN_FLAGS  # a flag newer than a file is no evidence
+              if k not in ("max_steps", "data") and k in flags and k in ckpt["args"] and flags[k] != ckpt["args"][k]]
     differ += [f"{n_train} training images"] if n_train != ckpt.get("n_train") else []
     return f"belongs to another run ({', '.join(differ)})" if differ else None
 

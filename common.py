@@ -148,10 +148,15 @@ def save_atomic(obj, path, write=None):
     except BaseException as e:  # a full disk, or a second Ctrl-C mid-write: no temp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        disk = e if isinstance(e, OSError) else e.__context__  # torch.save's RuntimeError over the OSError
-        if not isinstance(e, Exception) or not isinstance(disk, OSError):
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) and e.__context__.errno:
+            e = e.__context__  # how torch.save reports a full disk
+        if not isinstance(e, OSError):
             raise
-        raise OSError(f"could not save {path} ({disk.strerror or disk}); the file there before, if any, is unchanged") from e
+        raise OSError(f"could not save {path} ({e.strerror or e}); the file there before, if any, is unchanged") from e
+
+
+def save_bytes(data, path):
+    save_atomic(data, path, write=lambda data, f: f.write(data))
 
 
 def load_checkpoint(path):
@@ -258,7 +263,7 @@ def writable(path):
 def save_json(path, report):
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_atomic(json.dumps(report, indent=1).encode(), path, write=lambda text, f: f.write(text))
+        save_bytes(json.dumps(report, indent=1).encode(), path)
     except OSError as e:
         fail(str(e) if e.strerror is None else f"could not write {path} ({e.strerror})")
     print(f"results -> {path}")

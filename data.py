@@ -7,6 +7,7 @@ Unreadable files (and those over Pillow's decompression-bomb limit) are skipped 
 is served instead, and a running count of the files found unreadable is printed at 1, 10, 100, ..., so a large
 folder is never pre-scanned. 16-bit and float images are scaled to 8 bits (PIL's convert("RGB") would clip them).
 """
+import functools
 import os
 import sys
 
@@ -51,17 +52,23 @@ class TensorImages(torch.utils.data.Dataset):
 
 
 def load_rgb(path):
-    """An image file as 8-bit RGB: 16-bit integer images divided by 257 (65535 -> 255), float ones read as 0..1."""
+    """An image file as 8-bit RGB. PIL's convert("RGB") clips wider values, so first: 16-bit images (I;16, and I
+    holding values over 255, as older Pillow opens 16-bit PNGs) are divided by 257 (65535 -> 255), and float
+    images within 0..1 are multiplied by 255; I or F images of 8-bit values are kept as they are."""
     with open(path, "rb") as f:
         image = Image.open(f)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            scale = 255 if image.mode == "F" else 1 / 257
-            image = Image.fromarray((np.asarray(image, dtype=np.float64) * scale).round().clip(0, 255).astype(np.uint8))
+        if image.mode.startswith("I") or image.mode == "F":
+            values = np.asarray(image, dtype=np.float64)
+            wide = image.mode.startswith("I;16") or (image.mode == "I" and values.max() > 255)
+            scale = 1 / 257 if wide else 255 if image.mode == "F" and values.max() <= 1 else 1
+            image = Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8))
         return image.convert("RGB")
 
 
-def visible_image(path):
-    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+def visible_image(root, path):
+    """An image file with no part of its path below root starting with "." (._x.jpg, .ipynb_checkpoints/)."""
+    hidden = any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
+    return not hidden and has_file_allowed_extension(path, IMG_EXTENSIONS)
 
 
 def class_folders(path):
@@ -72,7 +79,8 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
     """An ImageFolder that serves the next readable image in place of one that fails to decode."""
 
     def __init__(self, root, transform):
-        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=visible_image)
+        visible = functools.partial(visible_image, os.path.expanduser(root))
+        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=visible)
         self.bad = set()  # indices found unreadable, per process: each DataLoader worker keeps its own
 
     def find_classes(self, directory):
@@ -89,10 +97,10 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
                 continue
             try:
                 item = super().__getitem__(i)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's for broken or huge files
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's: broken, huge
                 found_bad.append((i, error))
                 continue
-            for unreadable, error in found_bad:  # counted once a readable image is found: a folder of none gets only the error
+            for unreadable, error in found_bad:  # counted once a readable one is found: a folder of none gets the error
                 self.bad.add(unreadable)
                 if str(len(self.bad)).strip("0") == "1":  # report at 1, 10, 100, ... files
                     print(f"warning: skipped {len(self.bad)} unreadable image(s), latest {self.samples[unreadable][0]}: "

@@ -26,7 +26,7 @@ import data
 import device_data
 from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, describe_machine, fail, flops_per_image, fraction,
                     load_checkpoint, lr_at, non_negative, non_negative_int, peak_flops, pick_device, positive,
-                    positive_int, real, rng_states, save_atomic, set_rng_states, try_writing_in)
+                    positive_int, real, rng_states, save_atomic, save_bytes, set_rng_states, try_writing_in)
 from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -200,10 +200,10 @@ def resolve_resume(args, given):
     ckpt = load_checkpoint(path)
     if not {"args", "optimizer", "step"} <= ckpt.keys():
         fail(f"--resume: {path} has no training state; it is not a pretrain.py checkpoint")
-    for other in held:  # e.g. a finished run's ckpt.pt, when one of its kept ckpt_epochNNN.pt is resumed beside it
-        if (why := in_the_way(other, path, ckpt)) and not os.path.samefile(other, path):
-            fail(f"--resume: {other} {why}, and going on in {args.out_dir} would write over it: add --out-dir to "
-                 f"branch off in a new folder, or move {os.path.basename(other)} away")
+    latest = os.path.join(args.out_dir, "ckpt.pt")  # e.g. a finished run's, when one of its kept copies is resumed
+    if os.path.isfile(latest) and not os.path.samefile(latest, path) and (why := in_the_way(latest, path, ckpt)):
+        fail(f"--resume: {latest} {why}, and going on in {args.out_dir} would write over it: add --out-dir to branch "
+             "off in a new folder, or move it away to go back here")
     try:
         check_alphas(ckpt)
     except ValueError as error:
@@ -225,21 +225,27 @@ def resolve_resume(args, given):
     return ckpt
 
 
-def in_the_way(other, path, ckpt):
-    """Why a resume of ckpt must not write over the checkpoint file `other` in its folder: a later step, or
-    another run's flags or image count (--max-steps, which a run may raise to go on, and the data's path, which
-    may move, aside). A file torch cannot read may go."""
+def in_the_way(latest, path, ckpt):
+    """Why resuming ckpt (read from path) must not write over its folder's ckpt.pt, `latest`: that is further
+    along, or another run's: other flags or image count (--max-steps, which a run may raise to go on, and the
+    data's path, which may move, aside; a key only one of them records, from an older version, tells nothing).
+    A file torch cannot read may go."""
     try:
-        theirs = torch.load(other, map_location="cpu", mmap=True, weights_only=True)
-        step, flags, n_train = theirs["step"], theirs["args"], theirs.get("n_train")
+        theirs = torch.load(latest, map_location="cpu", mmap=True, weights_only=True)
+        step, facts = theirs["step"], run_facts(theirs)
     except Exception:
         return None
     if step > ckpt["step"]:
         return f"is further along (step {step}) than {path} (step {ckpt['step']})"
-    differ = [f"--{k.replace('_', '-')} {flags[k]}" for k in RUN_FLAGS  # a flag newer than a file is no evidence
-              if k not in ("max_steps", "data") and k in flags and k in ckpt["args"] and flags[k] != ckpt["args"][k]]
-    differ += [f"{n_train} training images"] if n_train != ckpt.get("n_train") else []
+    mine = run_facts(ckpt)
+    differ = [f"{k} {facts[k]}" for k in sorted(facts.keys() & mine.keys()) if facts[k] != mine[k]]
     return f"belongs to another run ({', '.join(differ)})" if differ else None
+
+
+def run_facts(ckpt):
+    facts = {f"--{k.replace('_', '-')}": v for k, v in ckpt["args"].items()
+             if k in RUN_FLAGS and k not in ("max_steps", "data")}
+    return facts | ({"training images": ckpt["n_train"]} if "n_train" in ckpt else {})
 
 
 def same_flag(name, given, recorded):
@@ -388,7 +394,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     if CtrlC.pressed:  # during start-up: no step of this run to save, and the folder stays free for a new command
         print("stopped by Ctrl-C before the first step; nothing was saved", file=sys.stderr)
         sys.exit(130)
-    t_start = t_log = time.time()
+    t_start = t_log = t_wall = time.time()  # img/s from t_log (training alone), the eta from t_wall (saves too)
     steps_at_log = step
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
@@ -437,12 +443,13 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                 mean_loss = loss_sum.item() / (step - steps_at_log)
                 if master:
                     mfu = f" | mfu {flops * img_s / (peak * world):5.1%}" if peak else ""
-                    eta = duration((total - step) * (now - t_log) / (step - steps_at_log))
+                    eta = duration((total - step) * (now - t_wall) / (step - steps_at_log))
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                           f"{img_s:7.1f} img/s{mfu} | eta {eta}", flush=True)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
                 loss_sum.zero_()
+                t_wall = now
             if save_now and master:
                 save(model, optimizer, scaler, args, epoch, step, len(train_set), ckpt_path)
             if keep_now and master:
@@ -512,7 +519,7 @@ def keep_log_until(log_path, step):
     if os.path.exists(log_path):
         with open(log_path) as f:
             kept = [line for line in f if (record := log_record(line)) and record["step"] <= step]
-        save_atomic("".join(kept).encode(), log_path, write=lambda text, f: f.write(text))
+        save_bytes("".join(kept).encode(), log_path)
 
 
 def log_record(line):

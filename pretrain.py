@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -468,7 +469,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                 break
     if master:
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}\n"
-              f"next: python probe.py {ckpt_path}   and   python rank.py {ckpt_path}")
+              f"next: python probe.py {shlex.quote(ckpt_path)}   and   python rank.py {shlex.quote(ckpt_path)}")
 
 
 def duration(seconds):

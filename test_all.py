@@ -388,6 +388,7 @@ import io
 import json
 import os
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1180,6 +1181,13 @@ def test_a_run_finds_its_image_folder_from_anywhere_and_after_a_move(tmp_path, m
     pretrain_here("--resume", ckpt_path, "--data", "moved")
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["step"] == 2 and ckpt["args"]["data"] == str(tmp_path / "moved")
+
+
+def test_the_next_commands_can_be_pasted_for_a_folder_with_a_space(tmp_path, capsys):
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", tmp_path / "my run")
+    hint = [line for line in capsys.readouterr().out.splitlines() if line.startswith("next: ")][0]
+    probe_command = shlex.split(hint[len("next: "):].split("   and   ")[0])
+    assert probe_command == ["python", "probe.py", str(tmp_path / "my run" / "ckpt.pt")]
 
 
 def test_eta_keeps_whole_days():

@@ -447,8 +447,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                     eta = duration((total - step) * (now - t_wall) / (step - steps_at_log))
                     print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                           f"{img_s:7.1f} img/s{mfu} | eta {eta}", flush=True)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s)) + "\n")
+                    append_log(log_path, dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s))
                 loss_sum.zero_()
                 t_wall = now
             if save_now and master:
@@ -511,6 +510,15 @@ def save(model, optimizer, scaler, args, epoch, step, n_train, path):
         save_atomic(state, path)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def append_log(log_path, record):
+    try:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk: stop as a failed save does, the last checkpoint untouched
+        print(f"error: could not write {log_path} ({e.strerror or e}); the last checkpoint is unchanged", file=sys.stderr)
         sys.exit(1)
 
 

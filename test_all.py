@@ -1190,6 +1190,21 @@ def test_the_next_commands_can_be_pasted_for_a_folder_with_a_space(tmp_path, cap
     assert probe_command == ["python", "probe.py", str(tmp_path / "my run" / "ckpt.pt")]
 
 
+def test_a_log_line_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    real_open = open
+
+    def full_disk_for_the_log(path, mode="r", *args, **kwargs):
+        if str(path).endswith("log.jsonl") and mode == "a":
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "open", full_disk_for_the_log, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "run")
+    error = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 1 and len(error) == 1 and "could not write" in error[0] and "No space left" in error[0]
+
+
 def test_eta_keeps_whole_days():
     assert pretrain.duration(59.9) == "00:00:59"
     assert pretrain.duration(23 * 3600 + 59 * 60 + 59) == "23:59:59"

@@ -1205,6 +1205,23 @@ def test_a_log_line_that_cannot_be_written_stops_in_one_line(tmp_path, monkeypat
     assert stop.value.code == 1 and len(error) == 1 and "could not write" in error[0] and "No space left" in error[0]
 
 
+def test_a_second_run_into_a_folder_in_use_stops_in_one_line(tmp_path, capsys):
+    """Another process holding the folder's lock (here: another open file of the same .lock, which flock
+    treats alike) makes a run there stop before it writes; once the lock is let go, the run goes ahead."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as stop:
+            pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", out)
+    error = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(error) == 1 and "is in use by another pretrain.py run" in error[0]
+    assert sorted(os.listdir(out)) == [".lock"]
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", out)
+    assert (out / "ckpt.pt").exists()
+
+
 def test_eta_keeps_whole_days():
     assert pretrain.duration(59.9) == "00:00:59"
     assert pretrain.duration(23 * 3600 + 59 * 60 + 59) == "23:59:59"

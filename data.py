@@ -133,6 +133,11 @@ def _torchvision_arrays(name, split, download, root):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2), ds.targets, ds.classes
 
 
+def missing_folder(name):
+    """A --data value naming an image folder that is not there (a named set is never missing)."""
+    return name not in DATASETS and not os.path.isdir(name)
+
+
 def _checked_folder(data):
     """The ImageFolder root `data` after checking it has non-empty train/ and val/."""
     if os.sep not in data and not os.path.exists(data):

@@ -30,10 +30,10 @@ def crop_and_flip(images, top, left, h, w, flip, size):
     """uint8 images [n, C, H, W] -> float [n, 3, size, size] in 0..255: each one's box resampled to size x size
     (bicubic), mirrored where flip is -1. Away from the box's edges this is v2.functional.resized_crop with
     antialias=False: grid_sample's bicubic (a = -0.75) without low-pass filtering; at its edges the taps read the
-    pixels just outside the box (resized_crop repeats the box's edge), as a crop of a larger picture would. torchvision's default, which the DataLoader path
-    uses, is antialias=True (a = -0.5, filtered when shrinking): a few levels of 255 apart when a box is enlarged,
-    as on the 32 px sets at 32 px, but aliased when a box is shrunk (e.g. STL-10's 96 px into a 32 px preset: use
-    --no-device-data there)."""
+    pixels just outside the box (resized_crop repeats the box's edge), as a crop of a larger picture would.
+    torchvision's default, which the DataLoader path uses, is antialias=True (a = -0.5, filtered when shrinking):
+    a few levels of 255 apart when a box is enlarged, as on the 32 px sets at 32 px, but aliased when a box is
+    shrunk (e.g. STL-10's 96 px into a 32 px preset: use --no-device-data there)."""
     height, width = images.shape[-2:]
     theta = torch.zeros(len(images), 2, 3, device=images.device)  # output [-1, 1] -> the box, in grid_sample's units
     theta[:, 0, 0], theta[:, 0, 2] = flip * w / width, (2 * left + w) / width - 1

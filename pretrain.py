@@ -225,7 +225,7 @@ def resolve_resume(args, given):
         if k not in given:
             setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
     args.data = given.get("data", args.data)  # the folder where it is now
-    if args.data not in data.DATASETS and not os.path.isdir(args.data):
+    if data.missing_folder(args.data):
         fail(f"--resume: {path} trained on the image folder {args.data}, which is not there: pass --data with where "
              "it is now")
     return ckpt
@@ -259,7 +259,7 @@ def same_flag(name, given, recorded):
     the folder's new place once the recorded one is gone (build() checks the image count). A named set is only
     its name: ./glyphs would be a folder."""
     if name == "data" and recorded not in data.DATASETS:
-        moved = os.path.isdir(given) and not os.path.isdir(recorded)
+        moved = os.path.isdir(given) and data.missing_folder(recorded)
         return moved or os.path.realpath(given) == os.path.realpath(recorded)
     return given == recorded
 

@@ -66,7 +66,7 @@ def data_source(ckpt, args, path):
     trained = trained_args(ckpt)
     if not (args.data or trained.get("data")):
         fail(f"{path} does not say what data it was trained on (public ViT weights?): pass --data")
-    if not args.data and trained["data"] not in data.DATASETS and not os.path.isdir(trained["data"]):
+    if not args.data and data.missing_folder(trained["data"]):
         fail(f"{path} was trained on the image folder {trained['data']}, which is not there (from {os.getcwd()}): "
              "pass --data with where it is now")
     return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
@@ -359,7 +359,8 @@ def print_comparison(reports):
                      for cell, r in zip(cells[1:], reports[1:])]
         print(f"{row['layer']:>5}  " + "  ".join(f"{cell:>25}" for cell in cells))
     for i, report in enumerate(reports):
-        print(f"  [{i}] {report['label']}: {report['checkpoint']}\n      {describe_headline(report['headline'], report['config']['depth'])}")
+        headline = describe_headline(report["headline"], report["config"]["depth"])
+        print(f"  [{i}] {report['label']}: {report['checkpoint']}\n      {headline}")
 
 
 def main(argv=None):

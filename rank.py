@@ -15,7 +15,8 @@ import time
 import torch
 
 import data
-from common import Parser, beside, fail, json_file, non_negative_int, one_thread, pick_device, pyplot, save_figure, save_json, writable
+from common import (Parser, beside, fail, json_file, non_negative_int, one_thread, pick_device, pyplot, save_figure,
+                    save_json, writable)
 from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "each image's tokens, mean over M"}

@@ -4,8 +4,8 @@ ImageFolder roots with train/ and val/.
 
 ImageFolder files and folders whose names start with "." (macOS's ._x.jpg, .ipynb_checkpoints) are not data.
 Unreadable files (and those over Pillow's decompression-bomb limit) are skipped lazily: the next readable item
-is served instead, and a running count of the files found unreadable is printed at 1, 10, 100, ..., so a large
-folder is never pre-scanned. 16-bit and float images are scaled to 8 bits (PIL's convert("RGB") would clip them).
+is served instead, and a running count of the files found unreadable (shared by the DataLoader's workers) is
+printed at 1, 10, 100, ..., so a large folder is never pre-scanned. 16-bit and float images are scaled to 8 bits (PIL's convert("RGB") would clip them).
 """
 import functools
 import os
@@ -81,7 +81,9 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
     def __init__(self, root, transform):
         visible = functools.partial(visible_image, os.path.expanduser(root))
         super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=visible)
-        self.bad = set()  # indices found unreadable, per process: each DataLoader worker keeps its own
+        # which files were found unreadable, in shared memory: DataLoader workers (new ones each epoch) see each
+        # other's finds, so each file is decoded in vain and reported once per run, not once per worker and epoch
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def find_classes(self, directory):
         classes = class_folders(directory)
@@ -93,7 +95,7 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
         found_bad = []
         for offset in range(len(self)):
             i = (index + offset) % len(self)
-            if i in self.bad:
+            if self.bad[i]:
                 continue
             try:
                 item = super().__getitem__(i)
@@ -101,9 +103,9 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
                 found_bad.append((i, error))
                 continue
             for unreadable, error in found_bad:  # counted once a readable one is found: a folder of none gets the error
-                self.bad.add(unreadable)
-                if str(len(self.bad)).strip("0") == "1":  # report at 1, 10, 100, ... files
-                    print(f"warning: skipped {len(self.bad)} unreadable image(s), latest {self.samples[unreadable][0]}: "
+                self.bad[unreadable] = True
+                if str(n_bad := int(self.bad.sum())).strip("0") == "1":  # report at 1, 10, 100, ... files
+                    print(f"warning: skipped {n_bad} unreadable image(s), latest {self.samples[unreadable][0]}: "
                           f"{error}", file=sys.stderr)
             return item
         raise DataError(f"no image under {self.root!r} can be decoded: replace the files in the data folder")

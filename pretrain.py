@@ -326,6 +326,21 @@ def model_config(args):
         fail(str(e))
 
 
+def check_out_dir(path):
+    """Before the data are built (a scan of ImageNet takes minutes): a folder that cannot be written, or that
+    another run is writing, stops the run now. Nothing is created or changed yet, so a bad input found later leaves
+    the disk as it was; prepare_out_dir makes the folder and its lock once every input has been checked."""
+    existing = os.path.abspath(path)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # the folder, or the nearest one above it that is there
+    try:
+        try_writing_in(existing)
+    except OSError as e:
+        fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")
+    if existing == os.path.abspath(path):
+        FolderLock.take(path, create=False)
+
+
 def prepare_out_dir(path):
     try:
         try_writing_in(path)
@@ -338,18 +353,25 @@ class FolderLock:
     """An exclusive flock on <out_dir>/.lock while the run lives: a second run into the same folder (a requeued
     job beside the first) stops in one line instead of mixing its log and checkpoints with the first's. The
     kernel drops the lock when the process ends, even by kill -9, so no stale lock is ever left."""
-    held = None
+    held, path = None, None
 
     @classmethod
-    def take(cls, path):
+    def take(cls, path, create=True):
+        """create=False: only where a run has left a .lock (a folder's first run makes it), so a check alters nothing."""
+        if cls.held is not None and cls.path == os.path.realpath(path):  # taken already, by check_out_dir
+            return
         if cls.held is not None:  # an earlier run of this process (the tests call main() again)
             cls.held.close()
-        if fcntl is None:
+            cls.held = None
+        lock = os.path.join(path, ".lock")
+        if fcntl is None or not (create or os.path.isfile(lock)):
             return
-        cls.held = open(os.path.join(path, ".lock"), "w")
+        cls.held, cls.path = open(lock, "a" if create else "r"), os.path.realpath(path)
         try:
             fcntl.flock(cls.held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            cls.held.close()
+            cls.held = None
             fail(f"--out-dir {path} is in use by another pretrain.py run: wait for it to end, or choose another --out-dir")
         except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
             pass
@@ -360,6 +382,8 @@ def main(argv=None):
     ckpt = resolve_resume(args, given)
     device = pick_device(args.device)
     fill_defaults(args, device)
+    if os.environ.get("RANK", "0") == "0":
+        check_out_dir(args.out_dir)
     cfg, train_set, preview = build(args, int(os.environ.get("WORLD_SIZE", 1)))
     if ckpt is not None and ckpt.get("n_train", len(train_set)) != len(train_set):  # the epochs would shift silently
         fail(f"--resume: the run trained on {ckpt['n_train']} images, the data now holds {len(train_set)}; "

@@ -538,7 +538,7 @@ def test_image_folder_skips_an_image_over_the_decompression_bomb_limit(tmp_path,
     Image.new("RGB", (64, 64)).save(os.path.join(root, "train", "cat", "0.png"))  # 4096 pixels, the first item
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # over 4000 is refused; crops of 36x36 stay under
     folder = data.get_dataset(root, "pretrain", 32, train_aug=False)
-    assert folder[0][1] == 1 and len(folder.bad) == 1  # the dog served in the cat's place
+    assert folder[0][1] == 1 and folder.bad.tolist() == [True, False]  # the dog served in the cat's place
 
 
 def test_image_folder_ignores_hidden_files_and_names_each_broken_file_once(tmp_path, capsys):
@@ -558,9 +558,23 @@ def test_image_folder_ignores_hidden_files_and_names_each_broken_file_once(tmp_p
     folder = data.get_dataset(root, "train", 32, train_aug=False)
     assert folder.classes == ["cat", "dog"] and len(folder) == 8 and len(data.get_dataset(root, "test", 32, False)) == 6
     labels = [folder[i][1] for i in (*range(8), *range(8))]  # two passes
-    assert labels == [0, 0, 0, 1, 1, 1, 1, 1] * 2 and folder.bad == {3, 4}  # broken0 and broken1 served as dog 0
+    assert labels == [0, 0, 0, 1, 1, 1, 1, 1] * 2 and folder.bad.nonzero().flatten().tolist() == [3, 4]  # as dog 0
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 1 unreadable") and "broken0.png" in warnings[0]
+
+
+def test_loader_workers_share_the_unreadable_files_they_find(tmp_path, capfd):
+    """pretrain.py makes new DataLoader workers each epoch. What a worker finds unreadable, the next epoch's workers
+    skip without decoding or reporting it again (each worker used to report anew: lines per worker and epoch on a
+    long run), and the main process sees it too."""
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=3, size=8, corrupt=2)  # broken: indices 3 and 4
+    folder = data.get_dataset(root, "train", 8, train_aug=False)
+    for epoch in range(2):
+        loader = torch.utils.data.DataLoader(folder, batch_size=8, num_workers=2)  # one batch: one worker meets both
+        assert [int(y) for _, labels in loader for y in labels] == [0, 0, 0, 1, 1, 1, 1, 1]
+        warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == (1 if epoch == 0 else 0), warnings
+    assert folder.bad.nonzero().flatten().tolist() == [3, 4]
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
@@ -1211,15 +1225,24 @@ def test_a_second_run_into_a_folder_in_use_stops_in_one_line(tmp_path, capsys):
     import fcntl
     out = tmp_path / "run"
     out.mkdir()
-    with open(out / ".lock", "w") as other:
+    with open(out / ".lock", "w") as other, pytest.MonkeyPatch.context() as patch:
         fcntl.flock(other, fcntl.LOCK_EX)
-        with pytest.raises(SystemExit) as stop:
+        patch.setattr(data, "get_dataset", lambda *a, **k: pytest.fail("the data were built before the check"))
+        with pytest.raises(SystemExit) as stop:  # told before the data are built (a scan of ImageNet takes minutes)
             pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", out)
     error = capsys.readouterr().err.splitlines()
     assert stop.value.code == 2 and len(error) == 1 and "is in use by another pretrain.py run" in error[0]
     assert sorted(os.listdir(out)) == [".lock"]
     pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", out)
     assert (out / "ckpt.pt").exists()
+
+
+def test_a_bad_input_found_after_the_out_dir_check_leaves_no_folder(tmp_path, capsys):
+    """The out-dir is checked before the data are built, but only made once every input has passed."""
+    with pytest.raises(SystemExit) as stop:
+        pretrain_here("--data", tmp_path / "no_such_images", "--out-dir", tmp_path / "new" / "run")
+    assert stop.value.code == 2 and len(capsys.readouterr().err.splitlines()) == 1
+    assert not (tmp_path / "new").exists()
 
 
 def test_eta_keeps_whole_days():

@@ -10,7 +10,6 @@ import functools
 import hashlib
 import math
 import os
-import sys
 import time
 import zipfile
 
@@ -155,13 +154,19 @@ def make_glyphs(split, seed=0):
     return images, labels
 
 
-if __name__ == "__main__":  # python glyphs.py [preview.png]: time the generator, save 16 images per class
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preview", nargs="?", default="/tmp/glyphs_preview.png",
+                   help="where the 16-images-per-class preview goes (.png or .jpg; default %(default)s)")
+    out = p.parse_args().preview
+    if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg"):
+        p.error(f"the preview needs a .png or .jpg name, got {out!r}")
     for split in ("train", "test"):
         start = time.time()
         images, labels = generate(split, 0)
         print(f"glyphs {split}: {images.shape} in {time.time() - start:.1f}s, "
               f"per class {np.bincount(labels).tolist()}")
-    out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/glyphs_preview.png"
     rows = torch.from_numpy(np.concatenate([images[labels == label][:16] for label in range(len(GLYPHS))]))
     grid = torchvision.utils.make_grid(rows[:, None] / 255.0, nrow=16, padding=1, pad_value=1.0)
     torchvision.utils.save_image(F.interpolate(grid[None], scale_factor=2, mode="nearest"), out)

@@ -45,12 +45,20 @@ def alpha(t, schedule="linear", alpha_min=0.6):
 def encoder_alphas(depth, schedule, alpha_min):
     """One alpha per encoder sub-layer k = 0 .. 2*depth-1 (attention and MLP each count), in order."""
     n = 2 * depth
-    return [alpha(k / (n - 1), schedule, alpha_min) for k in range(n)]
+    alphas = [alpha(k / (n - 1), schedule, alpha_min) for k in range(n)]
+    for k, a in enumerate(alphas):  # an edited formula: 0 cuts the stream (and --decay-as-lr divides by it)
+        if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
+            raise ValueError(f"alpha() gives {a!r} for schedule {schedule!r} at sub-layer {k} (t = {k / (n - 1):.3f}): "
+                             "a shortcut weight must be a number above 0")
+    return alphas
 
 
 def check_alphas(ckpt):
     """Refuse a checkpoint whose stored schedule alphas are not what alpha() gives now (it was edited since)."""
     cfg = ckpt["config"]
+    if cfg["alpha_schedule"] not in SCHEDULES:
+        raise ValueError(f"trained with alpha schedule {cfg['alpha_schedule']!r}, which model.py no longer has: put "
+                         "its name back into SCHEDULES and its formula into alpha()")
     now = encoder_alphas(cfg["depth"], cfg["alpha_schedule"], cfg["alpha_min"])
     for k, (then, today) in enumerate(zip(ckpt.get("alphas", now), now)):
         if not math.isclose(then, today, rel_tol=1e-9):
@@ -366,7 +374,7 @@ class MAEConfig:
     decay_as_lr: bool = False
 
     def __post_init__(self):
-        alpha(0.0, self.alpha_schedule, self.alpha_min)  # raises on a bad schedule or alpha_min
+        encoder_alphas(self.depth, self.alpha_schedule, self.alpha_min)  # raises on a bad schedule, alpha_min or formula
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
         n = (self.img_size // self.patch_size) ** 2

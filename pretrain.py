@@ -215,10 +215,13 @@ def resolve_resume(args, given):
     except ValueError as error:
         fail(f"--resume: {path} was {error}")
     recorded = ckpt["args"] | {"img_size": ckpt["config"]["img_size"]}  # the args hold None for "the preset's size"
-    clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {recorded[k]})"
-               for k in RUN_FLAGS if k in given and k in recorded and not same_flag(k, given[k], recorded[k])]
+    clashes = [k for k in RUN_FLAGS if k in given and k in recorded and not same_flag(k, given[k], recorded[k])]
     if clashes:
-        fail(f"--resume: flags do not fit the checkpoint {path}: {', '.join(clashes)}; drop them to resume")
+        why = (" (the lr schedule was fitted to the cap: a capped run cannot be lengthened; start a new run with the "
+               "cap you want)") if "max_steps" in clashes else ""
+        fail(f"--resume: flags do not fit the checkpoint {path}: "
+             + ", ".join(f"--{k.replace('_', '-')} {given[k]} (checkpoint: {recorded[k]})" for k in clashes)
+             + f"; drop them to resume{why}")
     for k in RUN_FLAGS:
         setattr(args, k, ckpt["args"].get(k, getattr(args, k)))
     for k in ("log_every", "save_every", "keep_every"):  # which files the run writes: as before, unless given again
@@ -233,8 +236,9 @@ def resolve_resume(args, given):
 
 def in_the_way(latest, path, ckpt):
     """Why resuming ckpt (read from path) must not write over its folder's ckpt.pt, `latest`: that is further
-    along, or another run's: other flags or image count (--max-steps, which a run may raise to go on, and the
-    data's path, which may move, aside; a key only one of them records, from an older version, tells nothing).
+    along, or another run's: other flags or image count (aside: --max-steps, which a checkpoint edited by hand may
+    raise to go on, as the tests do, and the data's path, which may move; a key only one of them records, from an
+    older version, tells nothing).
     A file torch cannot read may go."""
     try:
         theirs = torch.load(latest, map_location="cpu", mmap=True, weights_only=True)
@@ -395,6 +399,9 @@ def main(argv=None):
               f"data {args.data}; device {device}; {world} process(es)")
         threads = f"; {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
         print(f"  on {describe_machine(device)}{threads} (the last digits of a run depend on these)")
+        if ckpt is None and args.data not in data.DATASETS and "model" not in given:
+            print("  an image folder gets the paper's ImageNet recipe by default (vit_b16 at 224 px, 800 epochs, blr "
+                  "1.5e-4); a small folder trains in minutes with --model vit_m4_32 --blr 1.5e-3 (32 px)")
         a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
         schedule = "none" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule} to {cfg.alpha_min}"
         print(f"  encoder shortcut weights (attn, mlp) per block, {schedule}: "
@@ -440,14 +447,16 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     if master:
         keep_log_until(log_path, step)
         print(f"{total} steps of {args.batch_size * args.accum_steps} images ({steps_per_epoch} per epoch), "
-              f"peak lr {peak_lr:.2e}, warm-up {warmup} steps" + (f"; resuming at step {step}" if step else ""))
+              f"peak lr {peak_lr:.2e}, warm-up {warmup} steps" + (f"; resuming at step {step}" if step else "")
+              + ("\n  torch.compile: the first step waits a minute or more while the model compiles" * args.compile),
+              flush=True)
 
     loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
     if CtrlC.pressed:  # during start-up: no step of this run to save, and the folder stays free for a new command
         print("stopped by Ctrl-C before the first step; nothing was saved", file=sys.stderr)
         sys.exit(130)
     t_start = t_log = t_wall = time.time()  # img/s from t_log (training alone), the eta from t_wall (saves too)
-    steps_at_log = step
+    steps_at_log = first_step = step
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         items.epoch = epoch
@@ -518,7 +527,9 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if step >= total:
                 break
     if master:
-        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}\n"
+        session = f"{step - first_step} in this session, {(time.time() - t_start) / 60:.1f} min" if step > first_step \
+            else "finished before this command: nothing left to train"
+        print(f"done: step {step} of {total} ({session}); checkpoint {ckpt_path}\n"
               f"next: python probe.py {shlex.quote(ckpt_path)}   and   python rank.py {shlex.quote(ckpt_path)}")
 
 

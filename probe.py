@@ -43,6 +43,7 @@ def add_common_args(parser):
     a("checkpoint", help="a pretrain.py checkpoint, or a timm / MAE ViT state_dict (needs --data)")
     a("--data", help="dataset name or ImageFolder root (default: what the checkpoint trained on)")
     a("--data-root", help="where torchvision datasets live (default: the checkpoint's, else ./data)")
+    a("--download", action="store_true", help="let torchvision download a named dataset that is not under --data-root")
     a("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     a("--batch-size", type=positive_int, default=256, help="images per forward pass (default %(default)s)")
     a("--workers", type=WORKERS, help="loader processes (default: 8 on cuda, else 0)")
@@ -72,10 +73,10 @@ def data_source(ckpt, args, path):
     return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
 
 
-def get_split(name, split, img_size, root, n):
+def get_split(name, split, img_size, root, n, download=False):
     """A fixed seeded sample of n images (the whole split when n is 0), the same for every checkpoint."""
     try:
-        dataset = data.get_dataset(name, split, img_size, train_aug=False, root=root)
+        dataset = data.get_dataset(name, split, img_size, train_aug=False, download=download, root=root)
         dataset[0]  # a folder of no readable image fails here in one line, not as a DataLoader worker's traceback
     except data.DataError as error:
         fail(str(error))
@@ -280,7 +281,7 @@ def build_parser():
 def probe_splits(name, img_size, root, args):
     """Seeded samples (seed 0), the same for every checkpoint: train for the probes, val (disjoint from it, also
     from the train split) to pick a block, test to report. n_train 0 takes all but the validation images."""
-    train = get_split(name, "train", img_size, root, 0)
+    train = get_split(name, "train", img_size, root, 0, args.download)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     n_val = min(args.n_val, len(order) // 2)
     n_train = min(args.n_train or len(order), len(order) - n_val)
@@ -288,7 +289,7 @@ def probe_splits(name, img_size, root, args):
         fail(f"{name}: the linear probe needs at least 2 train images; the sample holds {n_train} "
              f"(--n-train {args.n_train}, {len(order)} train images, {n_val} of them for validation)")
     splits = {"train": torch.utils.data.Subset(train, sorted(order[:n_train])),
-              "test": get_split(name, "test", img_size, root, args.n_test)}
+              "test": get_split(name, "test", img_size, root, args.n_test, args.download)}
     if n_val:
         splits["val"] = torch.utils.data.Subset(train, sorted(order[len(order) - n_val:]))
     return splits
@@ -311,7 +312,7 @@ def epochs_done(ckpt):
         return None
 
 
-def probe_checkpoint(path, model, ckpt, args, out):
+def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     start = time.time()
     cfg, device = model.config, pick_device(args.device)
     layers, (name, root) = parse_layers(args.layers, cfg.depth), data_source(ckpt, args, path)
@@ -319,9 +320,10 @@ def probe_checkpoint(path, model, ckpt, args, out):
     recipe = probe_recipe(args)
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
     done = epochs_done(ckpt)
-    trained = "" if done is None else f", {done:g} epochs trained"
+    trained = "" if done is None else f", {done:.3g} epochs trained"
+    where = {} if name in data.DATASETS else {"test": " (its val/)", "val": " (from train/)"}  # an image folder's
     print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}{trained}; {name}: "
-          + " / ".join(f"{len(split)} {s}" for s, split in splits.items())
+          + " / ".join(f"{len(split)} {s}{where.get(s, '')}" for s, split in splits.items())
           + f" images (seeded samples, seed 0); {device}; feature cache {megabytes:.0f} MB")
     seconds = {"setup": time.time() - start}
     try:
@@ -335,7 +337,7 @@ def probe_checkpoint(path, model, ckpt, args, out):
     seconds["probes"] = time.time() - start - sum(seconds.values())
     print_table(rows, model.alphas)
     head = headline(rows)
-    print(f"{HEADLINE_WHY}\nheadline ({HEADLINE} pooling): {describe_headline(head, cfg.depth)}  ["
+    print(f"{HEADLINE_WHY}\n" * explain + f"headline ({HEADLINE} pooling): {describe_headline(head, cfg.depth)}  ["
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "]")
     report = {"checkpoint": path, "label": schedule_label(cfg), "data": name,
               **{f"n_{s}": len(split) for s, split in splits.items()},
@@ -372,7 +374,8 @@ def main(argv=None):
     args.data, args.data_root = data_source(loaded[0][1], args, paths[0])  # every checkpoint is probed on these
     out = writable(args.out or beside(args.checkpoint, "probe_compare.json" if args.compare else "probe.json"))
     alone = None if args.compare else out  # --compare: one file for all
-    reports = [probe_checkpoint(path, model, ckpt, args, alone) for path, (model, ckpt) in zip(paths, loaded)]
+    reports = [probe_checkpoint(path, model, ckpt, args, alone, explain=i == 0)  # the headline's why: once
+               for i, (path, (model, ckpt)) in enumerate(zip(paths, loaded))]
     if args.compare:
         print_comparison(reports)
         save_json(out, {"checkpoints": reports})

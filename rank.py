@@ -58,7 +58,8 @@ def rank_profile(model, loader, device, n_token_images):
     feats = extract_features(model, loader, device, range(1, model.config.depth + 1), on_tokens=add_token_ranks)
     cls, mean, a = effective_ranks(feats["cls"]), effective_ranks(feats["mean"]), model.alphas
     rows = [{"layer": i + 1, "alpha_attn": a[2 * i], "alpha_mlp": a[2 * i + 1], "cls": cls[i].item(),
-             "mean": mean[i].item(), "tokens": (token_sum[i] / max(1, len(picked))).item()} for i in range(len(cls))]
+             "mean": mean[i].item(), "tokens": (token_sum[i] / len(picked)).item() if picked else None}  # --n-tokens 0
+            for i in range(len(cls))]
     return rows, len(picked)
 
 
@@ -73,8 +74,9 @@ def print_table(result):
           f"images, tokens: mean over {result['n_token_images']} images of each one's [1+n, d] token matrix")
     print(f"{'block':>5}  {'alpha attn/mlp':>14}  {'cls':>7}  {'mean':>7}  {'tokens':>7}")
     for r in result["layers"]:
+        tokens = "-" if r["tokens"] is None else f"{r['tokens']:.2f}"
         print(f"{r['layer']:>5}  {r['alpha_attn']:>6.3f} {r['alpha_mlp']:>7.3f}  {r['cls']:>7.2f}  {r['mean']:>7.2f}  "
-              f"{r['tokens']:>7.2f}")
+              f"{tokens:>7}")
 
 
 def print_comparison(results):
@@ -99,7 +101,8 @@ def plot_ranks(results, path):
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=(13, 4), layout="constrained")
     for ax, (key, title) in zip(axes, COLUMNS.items()):
         for result, label in zip(results, labels):
-            ax.plot([r["layer"] for r in result["layers"]], [r[key] for r in result["layers"]], "o-", label=label)
+            ax.plot([r["layer"] for r in result["layers"]], [math.nan if r[key] is None else r[key] for r in result["layers"]],
+                    "o-", label=label)
         title = title.replace("N images", f"{results[0]['n_images']:,} test images")
         ax.set(title=title.replace("over M", f"over {results[0]['n_token_images']:,} images"), xlabel="encoder block",
                ylabel="effective rank")
@@ -129,7 +132,7 @@ def main(argv=None):
     results = []
     for path, model, _ in models:
         print(describe(path, model))
-        images = get_split(name, "test", model.config.img_size, root, args.n)
+        images = get_split(name, "test", model.config.img_size, root, args.n, args.download)
         try:
             rows, n_tokens = rank_profile(model, make_loader(images, args.batch_size, device, args.workers), device,
                                           args.n_tokens)

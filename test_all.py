@@ -324,6 +324,22 @@ def test_a_checkpoint_refuses_an_edited_alpha(tmp_path):
         assert M.MAE.from_checkpoint(older).alphas[1] == pytest.approx(1 - 0.4 * (1 / 23) ** 0.5)
 
 
+def test_a_checkpoint_of_a_schedule_model_py_lost_says_so(tmp_path):
+    torch.save(M.MAE(tiny(alpha_schedule="cosine")).checkpoint(), tmp_path / "ckpt.pt")
+    with mock.patch.object(M, "SCHEDULES", ("none", "linear")), pytest.raises(ValueError) as error:
+        M.MAE.from_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert str(error.value).startswith("trained with alpha schedule 'cosine', which model.py no longer has")
+
+
+@pytest.mark.parametrize("gives", [lambda t: 1 - t, lambda t: -0.5, lambda t: float("nan"), lambda t: None])
+def test_an_edited_alpha_that_cuts_the_stream_is_refused(gives):
+    """An edit of alpha() that gives 0 (1 - t ends at 0 on the last sub-layer), a negative, nan or no number
+    would train a dead stream silently (and --decay-as-lr would divide by zero): the config says where."""
+    edited = lambda t, schedule="linear", alpha_min=0.6: gives(t)
+    with mock.patch.object(M, "alpha", edited), pytest.raises(ValueError, match="a shortcut weight must be a number above 0"):
+        tiny(alpha_schedule="linear")
+
+
 def timm_layout(model):
     """The encoder's weights as timm / facebookresearch-mae name them: conv patch embedding, pos_embed."""
     cfg, sd = model.config, model.encoder.state_dict()
@@ -1245,6 +1261,29 @@ def test_a_bad_input_found_after_the_out_dir_check_leaves_no_folder(tmp_path, ca
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("script", ["pretrain.py", "probe.py", "rank.py", "bench.py", "glyphs.py",
+                                    *sorted(f"results/{f}" for f in os.listdir(os.path.join(HERE, "results")) if f.endswith(".py"))])
+def test_every_script_answers_help_without_doing_its_work(script, monkeypatch, capsys):
+    """--help prints usage and exits 0 before any work: results/baselines.py used to start its 5-minute job (and
+    write over its committed result), glyphs.py to generate the data set and then fail."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the results scripts add the repo's folder to it
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage:")
+
+
+def test_the_closing_line_counts_this_sessions_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out)
+    assert "done: step 2 of 2 (2 in this session" in capsys.readouterr().out
+    before = (out / "ckpt.pt").read_bytes()
+    pretrain_here("--resume", "--out-dir", out)  # a finished run: said so, and nothing written
+    assert "done: step 2 of 2 (finished before this command: nothing left to train)" in capsys.readouterr().out
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
 def test_eta_keeps_whole_days():
     assert pretrain.duration(59.9) == "00:00:59"
     assert pretrain.duration(23 * 3600 + 59 * 60 + 59) == "23:59:59"
@@ -1367,6 +1406,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),
     (PRETRAIN, "--resume --out-dir {run} --alpha-min 0.7", "flags do not fit the checkpoint"),
     (PRETRAIN, "--resume --out-dir {tmp}/fresh", "nothing to resume in {tmp}/fresh"),
+    (PRETRAIN, "--resume --out-dir {run} --max-steps 4", "--max-steps 4 (checkpoint: 2); drop them to resume (the lr "
+     "schedule was fitted to the cap: a capped run cannot be lengthened"),
     (PRETRAIN, "--out-dir {run}", "--out-dir {run} already holds a run (ckpt.pt): add --resume"),  # nothing overwritten
     (PRETRAIN, "--out-dir {tmp}/kept", "--out-dir {tmp}/kept already holds a run (ckpt_epoch002.pt)"),
     (PRETRAIN, "--resume {tmp}/shallow.pt --out-dir {run}", "already holds another run (ckpt.pt): resuming"),
@@ -1388,6 +1429,10 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{run}/ckpt.pt --lr -1", "argument --lr"),
     (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers"),
     (PROBE, "{run}/ckpt.pt --data imagenett", "unknown dataset"),
+    (PROBE, "{run}/ckpt.pt --data cifar10 --data-root {tmp}/none", "cifar10 is missing or incomplete under '{tmp}/none': "
+     "rerun with --download"),  # a flag probe.py has: the next line takes it
+    (PROBE, "{run}/ckpt.pt --data cifar10 --download --data-root {tmp}/notes.txt/sub", "could not download cifar10 to"),
+    (RANK, "{run}/ckpt.pt --data cifar10 --download --data-root {tmp}/notes.txt/sub", "could not download cifar10 to"),
     (PROBE, "{run}/ckpt.pt --compare {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),  # run's probe.json kept
     (PROBE, "{run}/ckpt.pt --compare {tmp}/shallow.pt", "--compare: the checkpoints have different depths"),
     (PROBE, "{run}/ckpt.pt --n-train 1", "the linear probe needs at least 2 train images; the sample holds 1"),
@@ -1497,13 +1542,13 @@ FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a
         "--compile-mode": TEXT, "--resume": TEXT, "--workers": "workers", "--log-every": "count >= 1", "--save-every": "count >= 0",
         "--keep-every": "count >= 0", "--device-data": SWITCH},
     "probe": {
-        "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--device": TEXT, "--batch-size": "count >= 1",
-        "--workers": "workers", "--compare": TEXT, "--layers": TEXT, "--n-train": "count >= 0",
+        "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--download": SWITCH, "--device": TEXT,
+        "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--layers": TEXT, "--n-train": "count >= 0",
         "--n-val": "count >= 0", "--n-test": "count >= 0",
         "--epochs": "count >= 1", "--lr": "real > 0", "--out": TEXT},
     "rank": {
-        "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--device": TEXT, "--batch-size": "count >= 1",
-        "--workers": "workers", "--compare": TEXT, "--n": "count >= 0", "--n-tokens": "count >= 0", "--out": TEXT},
+        "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--download": SWITCH, "--device": TEXT,
+        "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--n": "count >= 0", "--n-tokens": "count >= 0", "--out": TEXT},
     "bench": {
         "--model": TEXT, "--img-size": "count >= 1", "--alpha-schedule": TEXT, "--alpha-min": "alpha (0, 1]",
         "--decay-as-lr": SWITCH, "--decoder-skips": SWITCH, "--mask-ratio": "fraction (0, 1)",
@@ -1665,9 +1710,11 @@ def test_token_ranks_come_from_images_spread_over_the_sample():
             return [torch.stack([torch.diag((torch.arange(16) <= i).float()) for i in imgs.flatten().long()])]
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(12.0), torch.zeros(12)), 5)
-    for n_tokens, mean_rank in ((4, 5.5), (12, 6.5), (50, 6.5), (0, 0.0)):
+    for n_tokens, mean_rank in ((4, 5.5), (12, 6.5), (50, 6.5)):
         rows, counted = rank.rank_profile(Ranked(), loader, torch.device("cpu"), n_tokens)
         assert counted == min(n_tokens, 12) and rows[0]["tokens"] == pytest.approx(mean_rank), (n_tokens, rows)
+    rows, counted = rank.rank_profile(Ranked(), loader, torch.device("cpu"), 0)
+    assert counted == 0 and rows[0]["tokens"] is None  # not measured: no number that reads like a rank of 0
 
 
 def clusters(n_per_class, n_classes, dim, spread, seed):

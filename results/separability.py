@@ -7,6 +7,7 @@ seeded 3,000 / 1,500 sample of the checkpoint's data: on mean-pooled tokens of a
 accuracy: a low train accuracy means the classes are not linearly separable in those features, whatever the
 probe), on all patch tokens of a block concatenated (position kept), and on raw pixels.
 """
+import argparse
 import os
 import sys
 
@@ -47,12 +48,16 @@ def tokens_and_pixels(model, dataset):
 
 
 def main():
-    model, ckpt = probe.load_model(sys.argv[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a pretrain.py checkpoint; its own data are used")
+    path = p.parse_args().checkpoint
+    model, ckpt = probe.load_model(path)
     model.eval()
-    name, cfg = ckpt["args"]["data"], model.config
-    train, test = (tokens_and_pixels(model, probe.get_split(name, split, cfg.img_size, "./data", n))
+    name, root = probe.data_source(ckpt, argparse.Namespace(data=None, data_root=None), path)
+    cfg = model.config
+    train, test = (tokens_and_pixels(model, probe.get_split(name, split, cfg.img_size, root, n))
                    for split, n in (("train", 3000), ("test", 1500)))
-    print(f"{sys.argv[1]} on {name}: L-BFGS logistic regression, train / test accuracy %")
+    print(f"{path} on {name}: L-BFGS logistic regression, train / test accuracy %")
     fit = lambda x_train, x_test: " / ".join(f"{a:.1f}" for a in logistic_regression(x_train, train[1], x_test, test[1]))
     for block in sorted({1, cfg.depth // 3, 2 * cfg.depth // 3, cfg.depth}):
         print(f"  block {block:2d}, mean of tokens   {fit(train[0][block - 1].mean(1), test[0][block - 1].mean(1))}")

@@ -853,11 +853,12 @@ def test_flops_match_torch_flop_counter(skips):
     assert common.flops_per_image(cfg, 0.75) == per_image + attention
 
 
-def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path):
+def test_pretrain_loss_falls_and_checkpoint_loads(tmp_path, capsys):
     out = tmp_path / "run"
-    result = run("pretrain.py", "--model", "vit_p4_32", "--max-steps", 40, "--batch-size", 64, "--blr", 5e-3,
-                 "--log-every", 10, "--out-dir", out)
-    assert "vit_p4_32" in result.stdout and "img/s" in result.stdout
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 40, "--batch-size", 64, "--blr", 5e-3, "--log-every", 10,
+                  "--out-dir", out)
+    stdout = capsys.readouterr().out
+    assert "vit_p4_32" in stdout and "img/s" in stdout
     losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.005, losses
     model = M.MAE.from_checkpoint(str(out / "ckpt.pt"))

@@ -5,7 +5,8 @@ ImageFolder roots with train/ and val/.
 ImageFolder files and folders whose names start with "." (macOS's ._x.jpg, .ipynb_checkpoints) are not data.
 Unreadable files (and those over Pillow's decompression-bomb limit) are skipped lazily: the next readable item
 is served instead, and a running count of the files found unreadable (shared by the DataLoader's workers) is
-printed at 1, 10, 100, ..., so a large folder is never pre-scanned. 16-bit and float images are scaled to 8 bits (PIL's convert("RGB") would clip them).
+printed at 1, 10, 100, ..., so a large folder is never pre-scanned. 16-bit and float images are scaled to 8 bits
+(PIL's convert("RGB") would clip them).
 """
 import functools
 import os

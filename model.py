@@ -45,11 +45,17 @@ def alpha(t, schedule="linear", alpha_min=0.6):
 def encoder_alphas(depth, schedule, alpha_min):
     """One alpha per encoder sub-layer k = 0 .. 2*depth-1 (attention and MLP each count), in order."""
     n = 2 * depth
-    alphas = [alpha(k / (n - 1), schedule, alpha_min) for k in range(n)]
-    for k, a in enumerate(alphas):  # an edited formula: 0 cuts the stream (and --decay-as-lr divides by it)
-        if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
-            raise ValueError(f"alpha() gives {a!r} for schedule {schedule!r} at sub-layer {k} (t = {k / (n - 1):.3f}): "
-                             "a shortcut weight must be a number above 0")
+    alphas = []
+    for k in range(n):  # an edited formula: 0 cuts the stream (and --decay-as-lr divides by it)
+        given = alpha(k / (n - 1), schedule, alpha_min)
+        try:
+            a = float(given)  # numpy and 0-d torch numbers too, stored as plain floats (torch.load weights_only)
+        except (TypeError, ValueError):
+            a = math.nan
+        if not (math.isfinite(a) and a > 0):
+            raise ValueError(f"alpha() gives {given!r} for schedule {schedule!r} at sub-layer {k} "
+                             f"(t = {k / (n - 1):.3f}): a shortcut weight must be a number above 0")
+        alphas.append(a)
     return alphas
 
 
@@ -374,7 +380,9 @@ class MAEConfig:
     decay_as_lr: bool = False
 
     def __post_init__(self):
-        encoder_alphas(self.depth, self.alpha_schedule, self.alpha_min)  # raises on a bad schedule, alpha_min or formula
+        if self.depth < 1:
+            raise ValueError(f"depth {self.depth}: the encoder needs at least one block")
+        encoder_alphas(self.depth, self.alpha_schedule, self.alpha_min)  # raises on a bad schedule, alpha_min, formula
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
         n = (self.img_size // self.patch_size) ** 2

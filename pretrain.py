@@ -217,8 +217,8 @@ def resolve_resume(args, given):
     recorded = ckpt["args"] | {"img_size": ckpt["config"]["img_size"]}  # the args hold None for "the preset's size"
     clashes = [k for k in RUN_FLAGS if k in given and k in recorded and not same_flag(k, given[k], recorded[k])]
     if clashes:
-        why = (" (the lr schedule was fitted to the cap: a capped run cannot be lengthened; start a new run with the "
-               "cap you want)") if "max_steps" in clashes else ""
+        why = (" (the lr schedule is fitted to the run's length, so --max-steps cannot change on resume: start a new "
+               "run with the cap you want)") if "max_steps" in clashes else ""
         fail(f"--resume: flags do not fit the checkpoint {path}: "
              + ", ".join(f"--{k.replace('_', '-')} {given[k]} (checkpoint: {recorded[k]})" for k in clashes)
              + f"; drop them to resume{why}")
@@ -334,9 +334,11 @@ def check_out_dir(path):
     """Before the data are built (a scan of ImageNet takes minutes): a folder that cannot be written, or that
     another run is writing, stops the run now. Nothing is created or changed yet, so a bad input found later leaves
     the disk as it was; prepare_out_dir makes the folder and its lock once every input has been checked."""
-    existing = os.path.abspath(path)
+    existing, below = os.path.abspath(path), None
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)  # the folder, or the nearest one above it that is there
+        existing, below = os.path.dirname(existing), existing  # the folder, or the nearest one above it that is there
+    if below is not None and os.path.lexists(below):
+        fail(f"cannot write to --out-dir {path} ({below} is a file, not a folder); choose a folder you can write")
     try:
         try_writing_in(existing)
     except OSError as e:
@@ -357,20 +359,21 @@ class FolderLock:
     """An exclusive flock on <out_dir>/.lock while the run lives: a second run into the same folder (a requeued
     job beside the first) stops in one line instead of mixing its log and checkpoints with the first's. The
     kernel drops the lock when the process ends, even by kill -9, so no stale lock is ever left."""
-    held, path = None, None
+    held = None
 
     @classmethod
     def take(cls, path, create=True):
-        """create=False: only where a run has left a .lock (a folder's first run makes it), so a check alters nothing."""
-        if cls.held is not None and cls.path == os.path.realpath(path):  # taken already, by check_out_dir
-            return
+        """create=False: only where a run has left a .lock (a folder's first run makes it): a check alters nothing."""
+        lock = os.path.join(path, ".lock")
+        same_file = lambda held: os.path.isfile(lock) and os.path.samestat(os.fstat(held.fileno()), os.stat(lock))
+        if cls.held is not None and same_file(cls.held):
+            return  # taken already (by check_out_dir), on the file that is there now
         if cls.held is not None:  # an earlier run of this process (the tests call main() again)
             cls.held.close()
             cls.held = None
-        lock = os.path.join(path, ".lock")
         if fcntl is None or not (create or os.path.isfile(lock)):
             return
-        cls.held, cls.path = open(lock, "a" if create else "r"), os.path.realpath(path)
+        cls.held = open(lock, "a" if create else "r")
         try:
             fcntl.flock(cls.held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -400,8 +403,8 @@ def main(argv=None):
         threads = f"; {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
         print(f"  on {describe_machine(device)}{threads} (the last digits of a run depend on these)")
         if ckpt is None and args.data not in data.DATASETS and "model" not in given:
-            print("  an image folder gets the paper's ImageNet recipe by default (vit_b16 at 224 px, 800 epochs, blr "
-                  "1.5e-4); a small folder trains in minutes with --model vit_m4_32 --blr 1.5e-3 (32 px)")
+            print("  an image folder gets the paper's model, epochs and blr by default (vit_b16 at 224 px, 800 epochs, "
+                  "blr 1.5e-4); a small folder wants glyphs' preset: --model vit_m4_32 --blr 1.5e-3 and fewer --epochs")
         a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
         schedule = "none" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule} to {cfg.alpha_min}"
         print(f"  encoder shortcut weights (attn, mlp) per block, {schedule}: "

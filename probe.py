@@ -320,7 +320,7 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     recipe = probe_recipe(args)
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
     done = epochs_done(ckpt)
-    trained = "" if done is None else f", {done:.3g} epochs trained"
+    trained = "" if done is None else f", {round(done, 3):g} epochs trained"
     where = {} if name in data.DATASETS else {"test": " (its val/)", "val": " (from train/)"}  # an image folder's
     print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}{trained}; {name}: "
           + " / ".join(f"{len(split)} {s}{where.get(s, '')}" for s, split in splits.items())

@@ -101,8 +101,8 @@ def plot_ranks(results, path):
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=(13, 4), layout="constrained")
     for ax, (key, title) in zip(axes, COLUMNS.items()):
         for result, label in zip(results, labels):
-            ax.plot([r["layer"] for r in result["layers"]], [math.nan if r[key] is None else r[key] for r in result["layers"]],
-                    "o-", label=label)
+            values = [math.nan if r[key] is None else r[key] for r in result["layers"]]  # None: not measured
+            ax.plot([r["layer"] for r in result["layers"]], values, "o-", label=label)
         title = title.replace("N images", f"{results[0]['n_images']:,} test images")
         ax.set(title=title.replace("over M", f"over {results[0]['n_token_images']:,} images"), xlabel="encoder block",
                ylabel="effective rank")

@@ -336,8 +336,23 @@ def test_an_edited_alpha_that_cuts_the_stream_is_refused(gives):
     """An edit of alpha() that gives 0 (1 - t ends at 0 on the last sub-layer), a negative, nan or no number
     would train a dead stream silently (and --decay-as-lr would divide by zero): the config says where."""
     edited = lambda t, schedule="linear", alpha_min=0.6: gives(t)
-    with mock.patch.object(M, "alpha", edited), pytest.raises(ValueError, match="a shortcut weight must be a number above 0"):
+    with mock.patch.object(M, "alpha", edited), pytest.raises(ValueError, match="weight must be a number above 0"):
         tiny(alpha_schedule="linear")
+
+
+@pytest.mark.parametrize("kind", ["numpy.float32", "numpy.float64", "torch.tensor"])
+def test_an_edited_alpha_may_give_numpy_or_torch_numbers(kind, tmp_path):
+    """np.cos or a torch op in an edit: accepted, and stored as plain floats (torch.load(weights_only=True) refuses
+    numpy scalars in a checkpoint, which would show only when the trained run is loaded)."""
+    import numpy
+    paper, kind = M.alpha, {"numpy.float32": numpy.float32, "numpy.float64": numpy.float64, "torch.tensor": torch.tensor}[kind]
+    edited = lambda t, schedule="linear", alpha_min=0.6: kind(paper(t, schedule, alpha_min))
+    with mock.patch.object(M, "alpha", edited):
+        torch.save(M.MAE(tiny(alpha_schedule="linear")).checkpoint(), tmp_path / "ckpt.pt")
+        alphas = M.MAE.from_checkpoint(str(tmp_path / "ckpt.pt")).alphas
+    assert all(type(a) is float for a in alphas) and alphas[-1] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="depth 0"):
+        tiny(depth=0)
 
 
 def timm_layout(model):
@@ -1252,6 +1267,20 @@ def test_a_second_run_into_a_folder_in_use_stops_in_one_line(tmp_path, capsys):
     assert sorted(os.listdir(out)) == [".lock"]
     pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", out)
     assert (out / "ckpt.pt").exists()
+    shutil.rmtree(out)  # the folder made anew (a notebook calling main() again): the run locks the new .lock
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", out)
+    with open(out / ".lock") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_out_dir_where_a_file_is_stops_before_the_data(tmp_path, capsys, monkeypatch, below):
+    (tmp_path / "afile").write_text("notes")
+    monkeypatch.setattr(data, "get_dataset", lambda *a, **k: pytest.fail("the data were built before the check"))
+    with pytest.raises(SystemExit) as stop:
+        pretrain_here("--out-dir", tmp_path / "afile" / below)
+    error = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(error) == 1 and "afile is a file, not a folder" in error[0]
 
 
 def test_a_bad_input_found_after_the_out_dir_check_leaves_no_folder(tmp_path, capsys):
@@ -1262,8 +1291,11 @@ def test_a_bad_input_found_after_the_out_dir_check_leaves_no_folder(tmp_path, ca
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("script", ["pretrain.py", "probe.py", "rank.py", "bench.py", "glyphs.py",
-                                    *sorted(f"results/{f}" for f in os.listdir(os.path.join(HERE, "results")) if f.endswith(".py"))])
+SCRIPTS = ["pretrain.py", "probe.py", "rank.py", "bench.py", "glyphs.py",
+           *sorted(f"results/{f}" for f in os.listdir(os.path.join(HERE, "results")) if f.endswith(".py"))]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_answers_help_without_doing_its_work(script, monkeypatch, capsys):
     """--help prints usage and exits 0 before any work: results/baselines.py used to start its 5-minute job (and
     write over its committed result), glyphs.py to generate the data set and then fail."""
@@ -1408,7 +1440,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--resume --out-dir {run} --alpha-min 0.7", "flags do not fit the checkpoint"),
     (PRETRAIN, "--resume --out-dir {tmp}/fresh", "nothing to resume in {tmp}/fresh"),
     (PRETRAIN, "--resume --out-dir {run} --max-steps 4", "--max-steps 4 (checkpoint: 2); drop them to resume (the lr "
-     "schedule was fitted to the cap: a capped run cannot be lengthened"),
+     "schedule is fitted to the run's length, so --max-steps cannot change on resume"),
     (PRETRAIN, "--out-dir {run}", "--out-dir {run} already holds a run (ckpt.pt): add --resume"),  # nothing overwritten
     (PRETRAIN, "--out-dir {tmp}/kept", "--out-dir {tmp}/kept already holds a run (ckpt_epoch002.pt)"),
     (PRETRAIN, "--resume {tmp}/shallow.pt --out-dir {run}", "already holds another run (ckpt.pt): resuming"),
@@ -1430,8 +1462,8 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{run}/ckpt.pt --lr -1", "argument --lr"),
     (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers"),
     (PROBE, "{run}/ckpt.pt --data imagenett", "unknown dataset"),
-    (PROBE, "{run}/ckpt.pt --data cifar10 --data-root {tmp}/none", "cifar10 is missing or incomplete under '{tmp}/none': "
-     "rerun with --download"),  # a flag probe.py has: the next line takes it
+    (PROBE, "{run}/ckpt.pt --data cifar10 --data-root {tmp}/none",
+     "cifar10 is missing or incomplete under '{tmp}/none': rerun with --download"),  # a flag probe.py has: see below
     (PROBE, "{run}/ckpt.pt --data cifar10 --download --data-root {tmp}/notes.txt/sub", "could not download cifar10 to"),
     (RANK, "{run}/ckpt.pt --data cifar10 --download --data-root {tmp}/notes.txt/sub", "could not download cifar10 to"),
     (PROBE, "{run}/ckpt.pt --compare {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),  # run's probe.json kept
@@ -1544,12 +1576,14 @@ FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a
         "--keep-every": "count >= 0", "--device-data": SWITCH},
     "probe": {
         "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--download": SWITCH, "--device": TEXT,
-        "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--layers": TEXT, "--n-train": "count >= 0",
+        "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--layers": TEXT,
+        "--n-train": "count >= 0",
         "--n-val": "count >= 0", "--n-test": "count >= 0",
         "--epochs": "count >= 1", "--lr": "real > 0", "--out": TEXT},
     "rank": {
         "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--download": SWITCH, "--device": TEXT,
-        "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--n": "count >= 0", "--n-tokens": "count >= 0", "--out": TEXT},
+        "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--n": "count >= 0",
+        "--n-tokens": "count >= 0", "--out": TEXT},
     "bench": {
         "--model": TEXT, "--img-size": "count >= 1", "--alpha-schedule": TEXT, "--alpha-min": "alpha (0, 1]",
         "--decay-as-lr": SWITCH, "--decoder-skips": SWITCH, "--mask-ratio": "fraction (0, 1)",

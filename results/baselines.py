@@ -82,7 +82,8 @@ def ceiling(epochs=3, batch=128):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=json_file, default=os.path.join(HERE, "glyphs", "baselines.json"), help="JSON path (default: %(default)s)")
+    p.add_argument("--out", type=json_file, default=os.path.join(HERE, "glyphs", "baselines.json"),
+                   help="JSON path (default: %(default)s)")
     out = writable(p.parse_args().out)
     start = time.time()
     print("floor: linear probe and k-NN on raw pixels and on channel statistics ...", flush=True)

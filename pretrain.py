@@ -330,29 +330,21 @@ def model_config(args):
         fail(str(e))
 
 
-def check_out_dir(path):
-    """Before the data are built (a scan of ImageNet takes minutes): a folder that cannot be written, or that
-    another run is writing, stops the run now. Nothing is created or changed yet, so a bad input found later leaves
-    the disk as it was; prepare_out_dir makes the folder and its lock once every input has been checked."""
+def claim_out_dir(path, create):
+    """Stop now if the run's folder cannot be written or another run is writing it. create=False, before the data
+    are built (a scan of ImageNet takes minutes): nothing is made or changed, so a bad input found later leaves the
+    disk as it was. create=True, once every input has passed: the folder and its lock are made."""
     existing, below = os.path.abspath(path), None
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
         existing, below = os.path.dirname(existing), existing  # the folder, or the nearest one above it that is there
     if below is not None and os.path.lexists(below):
         fail(f"cannot write to --out-dir {path} ({below} is a file, not a folder); choose a folder you can write")
     try:
-        try_writing_in(existing)
+        try_writing_in(path if create else existing)
     except OSError as e:
         fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")
-    if existing == os.path.abspath(path):
-        FolderLock.take(path, create=False)
-
-
-def prepare_out_dir(path):
-    try:
-        try_writing_in(path)
-    except OSError as e:
-        fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")
-    FolderLock.take(path)
+    if create or existing == os.path.abspath(path):
+        FolderLock.take(path, create)
 
 
 class FolderLock:
@@ -367,7 +359,7 @@ class FolderLock:
         lock = os.path.join(path, ".lock")
         same_file = lambda held: os.path.isfile(lock) and os.path.samestat(os.fstat(held.fileno()), os.stat(lock))
         if cls.held is not None and same_file(cls.held):
-            return  # taken already (by check_out_dir), on the file that is there now
+            return  # taken already (by the check before the data), on the file that is there now
         if cls.held is not None:  # an earlier run of this process (the tests call main() again)
             cls.held.close()
             cls.held = None
@@ -390,14 +382,14 @@ def main(argv=None):
     device = pick_device(args.device)
     fill_defaults(args, device)
     if os.environ.get("RANK", "0") == "0":
-        check_out_dir(args.out_dir)
+        claim_out_dir(args.out_dir, create=False)
     cfg, train_set, preview = build(args, int(os.environ.get("WORLD_SIZE", 1)))
     if ckpt is not None and ckpt.get("n_train", len(train_set)) != len(train_set):  # the epochs would shift silently
         fail(f"--resume: the run trained on {ckpt['n_train']} images, the data now holds {len(train_set)}; "
              "resume on the same data or start a new run")
     rank, world, device = setup_distributed(device)  # only once every input has been checked
     if rank == 0:
-        prepare_out_dir(args.out_dir)
+        claim_out_dir(args.out_dir, create=True)
         print(f"model {args.model}: {cfg.depth} blocks x {cfg.width} wide, {cfg.img_size} px, patch {cfg.patch_size}; "
               f"data {args.data}; device {device}; {world} process(es)")
         threads = f"; {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
@@ -451,8 +443,8 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
         keep_log_until(log_path, step)
         print(f"{total} steps of {args.batch_size * args.accum_steps} images ({steps_per_epoch} per epoch), "
               f"peak lr {peak_lr:.2e}, warm-up {warmup} steps" + (f"; resuming at step {step}" if step else "")
-              + ("\n  torch.compile: the first step waits a minute or more while the model compiles" * args.compile),
-              flush=True)
+              + ("\n  torch.compile: the first step waits a minute or more while the model compiles" if args.compile
+                 else ""), flush=True)
 
     loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
     if CtrlC.pressed:  # during start-up: no step of this run to save, and the folder stays free for a new command

@@ -337,7 +337,7 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     seconds["probes"] = time.time() - start - sum(seconds.values())
     print_table(rows, model.alphas)
     head = headline(rows)
-    print(f"{HEADLINE_WHY}\n" * explain + f"headline ({HEADLINE} pooling): {describe_headline(head, cfg.depth)}  ["
+    print((f"{HEADLINE_WHY}\n" if explain else "") + f"headline ({HEADLINE} pooling): {describe_headline(head, cfg.depth)}  ["
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "]")
     report = {"checkpoint": path, "label": schedule_label(cfg), "data": name,
               **{f"n_{s}": len(split) for s, split in splits.items()},

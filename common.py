@@ -3,6 +3,7 @@ random states, the warm-up + cosine learning-rate schedule, the FLOP count behin
 never loads the training script."""
 import argparse
 import contextlib
+import errno
 import io
 import json
 import math
@@ -250,12 +251,24 @@ def try_writing_in(folder):
     os.remove(probe)
 
 
+def nearest_folder(path):
+    """The folder path, or else the nearest one above it that is there: a check made there changes nothing on the
+    disk. Raises OSError where a file stands in the way of the folders still to make."""
+    existing, below = os.path.abspath(path), None
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing, below = os.path.dirname(existing), existing
+    if below is not None and os.path.lexists(below):
+        raise NotADirectoryError(errno.ENOTDIR, f"{below} is a file, not a folder")
+    return existing
+
+
 def writable(path):
-    """path, after checking that a report can be written there: called before the work, not after it."""
+    """path, after checking that a report can be written there: called before the work, not after it, and
+    without making its folder (a bad input found next leaves the disk as it was; save_json makes it)."""
     try:
         if os.path.isdir(path):
-            raise IsADirectoryError(21, "it is a folder")
-        try_writing_in(os.path.dirname(os.path.abspath(path)))
+            raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        try_writing_in(nearest_folder(os.path.dirname(os.path.abspath(path))))
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e}); pass --out with a file in a folder you can write")
     return path

@@ -4,13 +4,19 @@ ImageFolder roots with train/ and val/.
 
 ImageFolder files and folders whose names start with "." (macOS's ._x.jpg, .ipynb_checkpoints) are not data.
 Unreadable files (and those over Pillow's decompression-bomb limit) are skipped lazily: the next readable item
-is served instead, and a running count of the files found unreadable (shared by the DataLoader's workers) is
-printed at 1, 10, 100, ..., so a large folder is never pre-scanned. 16-bit and float images are scaled to 8 bits
-(PIL's convert("RGB") would clip them).
+is served instead (within a Sample, the sample's next one), and a running count of the files found unreadable
+(shared by the DataLoader's workers) is printed at 1, 10, 100, ..., so a large folder is never pre-scanned.
+16-bit and float images are scaled to 8 bits (PIL's convert("RGB") would clip them).
 """
+import contextlib
 import functools
 import os
 import sys
+
+try:
+    import fcntl
+except ImportError:  # Windows: downloads go unlocked
+    fcntl = None
 
 import numpy as np
 import torch
@@ -93,9 +99,12 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
     def __getitem__(self, index):
+        return self.first_readable((index + offset) % len(self) for offset in range(len(self)))
+
+    def first_readable(self, indices, sample=""):
+        """The item of the first of indices whose file decodes; the ones that fail are marked and counted."""
         found_bad = []
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)
+        for i in indices:
             if self.bad[i]:
                 continue
             try:
@@ -109,7 +118,24 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
                     print(f"warning: skipped {n_bad} unreadable image(s), latest {self.samples[unreadable][0]}: "
                           f"{error}", file=sys.stderr)
             return item
-        raise DataError(f"no image under {self.root!r} can be decoded: replace the files in the data folder")
+        raise DataError(f"no image {sample}under {self.root!r} can be decoded: replace the files in the data folder")
+
+
+class Sample(torch.utils.data.Dataset):
+    """The items `indices` of a dataset (a Subset). Of a folder, an unreadable file is replaced by the next readable
+    one of the sample, not of the whole folder, which could be in another sample (the probe's train next to its val)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        if not isinstance(self.dataset, SkippingImageFolder):
+            return self.dataset[self.indices[k]]
+        n, _ = len(self.indices), self.indices[k]  # IndexError past the end, as a list gives (it ends a for loop)
+        return self.dataset.first_readable((self.indices[(k + j) % n] for j in range(n)), f"of a sample of {n} ")
 
 
 def _transform(stats, img_size, train_aug, native_size=None):
@@ -134,6 +160,17 @@ def _torchvision_arrays(name, split, download, root):
         return torch.from_numpy(ds.data), ds.labels, ds.classes  # unlabeled images have label -1
     ds = (sets.CIFAR10 if name == "cifar10" else sets.CIFAR100)(root, train=train, download=download)
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2), ds.targets, ds.classes
+
+
+@contextlib.contextmanager
+def one_download_at_a_time(root):
+    """torchrun starts every process with --download: the first to take the lock downloads and extracts, the others
+    wait and then find the files complete (torchvision checks them), instead of writing the same files at once."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".download.lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def missing_folder(name):
@@ -168,7 +205,8 @@ def get_dataset(data, split, img_size, train_aug, download=False, root="./data")
         images, classes = torch.from_numpy(images)[:, None], list(GLYPHS)
     elif data in DATASETS:
         try:
-            images, labels, classes = _torchvision_arrays(data, split, download, root)
+            with one_download_at_a_time(root) if download else contextlib.nullcontext():
+                images, labels, classes = _torchvision_arrays(data, split, download, root)
         except RuntimeError:  # torchvision's "Dataset not found or corrupted"
             raise DataError(f"{data} is missing or incomplete under {root!r}: "
                             f"rerun with --download, or put it under {root}") from None

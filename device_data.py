@@ -5,7 +5,6 @@ item by item in a DataLoader worker. For in-memory sets (data.DATASETS); ImageFo
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def random_resized_crops(gen, n, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -26,21 +25,39 @@ def random_resized_crops(gen, n, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 
     return top, left, h, w
 
 
+def cubic(d, a=-0.5):
+    """The bicubic kernel of PIL and of torch's antialiased resize (Keys, a = -0.5; torch's plain one has -0.75)."""
+    d = d.abs()
+    near, far = ((a + 2) * d - (a + 3)) * d * d + 1, (((d - 5) * d + 8) * d - 4) * a
+    return torch.where(d < 1, near, torch.where(d < 2, far, 0.0))
+
+
+def resize_weights(start, length, out_size, in_size):
+    """[n, out_size, in_size]: row i holds the weights that output pixel i of resizing the span start..start+length
+    (whole pixels, one span per image) to out_size gives the pixels of the axis, as torch's antialiased bicubic
+    resize (PIL's) computes them: the kernel widened by the shrink factor, when shrinking, so that it low-passes,
+    cut at the span's ends (ATen's rounding of them included) and renormalised."""
+    scale = (length / out_size)[:, None, None]  # span pixels per output pixel
+    stretch = scale.clamp(min=1)
+    centre = scale * (torch.arange(out_size, device=start.device) + 0.5)[:, None]  # in span pixels
+    j = torch.arange(in_size, device=start.device) - start[:, None, None]  # each axis pixel's index in the span
+    first = (centre - 2 * stretch + 0.5).floor().clamp(min=0)  # ATen: xmin, xmin + xsize (truncation of values > 0)
+    stop = torch.minimum((centre + 2 * stretch + 0.5).floor(), length[:, None, None])
+    w = torch.where((j >= first) & (j < stop), cubic((j - centre + 0.5) / stretch), 0.0)
+    return w / w.sum(-1, keepdim=True)
+
+
 def crop_and_flip(images, top, left, h, w, flip, size):
-    """uint8 images [n, C, H, W] -> float [n, 3, size, size] in 0..255: each one's box resampled to size x size
-    (bicubic), mirrored where flip is -1. Away from the box's edges this is v2.functional.resized_crop with
-    antialias=False: grid_sample's bicubic (a = -0.75) without low-pass filtering; at its edges the taps read the
-    pixels just outside the box (resized_crop repeats the box's edge), as a crop of a larger picture would.
-    torchvision's default, which the DataLoader path uses, is antialias=True (a = -0.5, filtered when shrinking):
-    a few levels of 255 apart when a box is enlarged, as on the 32 px sets at 32 px, but aliased when a box is
-    shrunk (e.g. STL-10's 96 px into a 32 px preset: use --no-device-data there)."""
-    height, width = images.shape[-2:]
-    theta = torch.zeros(len(images), 2, 3, device=images.device)  # output [-1, 1] -> the box, in grid_sample's units
-    theta[:, 0, 0], theta[:, 0, 2] = flip * w / width, (2 * left + w) / width - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, (len(images), 3, size, size), align_corners=False)
-    imgs = images.float().expand(-1, 3, -1, -1)
-    return F.grid_sample(imgs, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 255)
+    """uint8 images [n, C, H, W] -> float [n, 3, size, size] in 0..255: each one's box resized to size x size and
+    mirrored where flip is -1, as v2.functional.resized_crop with its defaults (bicubic, antialias=True; what the
+    DataLoader path runs) would, short of its rounding to uint8. A resize is linear and separable: two batched
+    matrix products with the weights of resize_weights, across (the width) and then down, rounded to 8 bits in
+    between as PIL and torch's uint8 kernel do."""
+    rows = resize_weights(top, h, size, images.shape[-2])
+    cols = resize_weights(left, w, size, images.shape[-1])
+    cols = torch.where(flip[:, None, None] < 0, cols.flip(1), cols)
+    across = (images.float() @ cols[:, None].transpose(-1, -2)).round().clamp(0, 255)  # 8 bits between passes
+    return (rows[:, None] @ across).clamp(0, 255).expand(-1, 3, -1, -1)  # per channel: grey is expanded last
 
 
 class DeviceBatches:

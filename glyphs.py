@@ -162,6 +162,9 @@ if __name__ == "__main__":
     out = p.parse_args().preview
     if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg"):
         p.error(f"the preview needs a .png or .jpg name, got {out!r}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # found now, not after a minute of drawing
+        p.error(f"cannot write the preview {out!r}: {folder} is not a folder this user can write")
     for split in ("train", "test"):
         start = time.time()
         images, labels = generate(split, 0)

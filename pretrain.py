@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import device_data
 from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, describe_machine, fail, flops_per_image, fraction,
-                    load_checkpoint, lr_at, non_negative, non_negative_int, peak_flops, pick_device, positive,
-                    positive_int, real, rng_states, save_atomic, save_bytes, set_rng_states, try_writing_in)
+                    load_checkpoint, lr_at, nearest_folder, non_negative, non_negative_int, peak_flops, pick_device,
+                    positive, positive_int, real, rng_states, save_atomic, save_bytes, set_rng_states, try_writing_in)
 from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -334,12 +334,8 @@ def claim_out_dir(path, create):
     """Stop now if the run's folder cannot be written or another run is writing it. create=False, before the data
     are built (a scan of ImageNet takes minutes): nothing is made or changed, so a bad input found later leaves the
     disk as it was. create=True, once every input has passed: the folder and its lock are made."""
-    existing, below = os.path.abspath(path), None
-    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
-        existing, below = os.path.dirname(existing), existing  # the folder, or the nearest one above it that is there
-    if below is not None and os.path.lexists(below):
-        fail(f"cannot write to --out-dir {path} ({below} is a file, not a folder); choose a folder you can write")
     try:
+        existing = nearest_folder(path)
         try_writing_in(path if create else existing)
     except OSError as e:
         fail(f"cannot write to --out-dir {path} ({e.strerror}); choose a folder you can write")

@@ -52,9 +52,12 @@ def add_common_args(parser):
 def load_model(path):
     ckpt = load_checkpoint(path)
     try:
-        return MAE.from_checkpoint(ckpt), ckpt
+        model = MAE.from_checkpoint(ckpt)
     except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as error:  # not a checkpoint's layout
         fail(f"{path}: {str(error).splitlines()[0]}")
+    if model.config.in_chans != 3:  # every data set here is served as RGB
+        fail(f"{path}: its patch embedding takes {model.config.in_chans}-channel images; the data here are 3-channel RGB")
+    return model, ckpt
 
 
 def trained_args(ckpt):
@@ -83,7 +86,7 @@ def get_split(name, split, img_size, root, n, download=False):
     if not n or n >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-    return torch.utils.data.Subset(dataset, order[:n].sort().values.tolist())
+    return data.Sample(dataset, order[:n].sort().values.tolist())
 
 
 def make_loader(dataset, batch_size, device, workers=None):
@@ -288,10 +291,10 @@ def probe_splits(name, img_size, root, args):
     if n_train < 2:  # one image has no feature variance to normalise by: every head would predict one class
         fail(f"{name}: the linear probe needs at least 2 train images; the sample holds {n_train} "
              f"(--n-train {args.n_train}, {len(order)} train images, {n_val} of them for validation)")
-    splits = {"train": torch.utils.data.Subset(train, sorted(order[:n_train])),
+    splits = {"train": data.Sample(train, sorted(order[:n_train])),
               "test": get_split(name, "test", img_size, root, args.n_test, args.download)}
     if n_val:
-        splits["val"] = torch.utils.data.Subset(train, sorted(order[len(order) - n_val:]))
+        splits["val"] = data.Sample(train, sorted(order[len(order) - n_val:]))
     return splits
 
 

@@ -265,8 +265,11 @@ class MAE(nn.Module):
         return shortcut_weights(self.config)
 
     @property
-    def skip_blocks(self):  # encoder blocks 1, 3, 5, ... feed the decoder, deepest first
-        return list(range(1, self.config.depth, 2))[::-1]
+    def skip_blocks(self):
+        """The encoder blocks that feed the decoder, deepest first: the last and every second one below it (11, 9,
+        ..., 1 of 12). Counted from the last, so that an odd depth has its last block read (else it gets no
+        gradient) and one block feeds the decoder at all."""
+        return list(range(self.config.depth - 1, -1, -2))
 
     def decay_scales(self):
         """{parameter name: s} under decay_as_lr, else {}. The residual encoder whose parameters are s times the
@@ -303,7 +306,9 @@ class MAE(nn.Module):
         if self.config.decoder_skips:
             outs = outs[:-1] + [latent]  # the last block is read after the final norm
             x = torch.cat([self.decoder_cls_token, self.decoder_pos_embed[:, 1:]], dim=1)
-            x = self.decoder_embed(x).expand(latent.shape[0], -1, -1)
+            # in the model's dtype, as the pos_embed added to the other streams makes them: a bf16 stream under
+            # autocast would round away the small updates of the zero-initialised branches
+            x = self.decoder_embed(x).to(self.decoder_pos_embed.dtype).expand(latent.shape[0], -1, -1)
         else:
             x = unshuffle(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
         for i, block in enumerate(self.decoder_blocks):

@@ -217,15 +217,30 @@ def test_decayed_encoder_equals_a_plain_vit_with_per_sub_layer_alphas():
     assert not torch.allclose(plain[-1], ref[-1], atol=1e-2)
 
 
-@pytest.mark.parametrize("skips", [True, False])
-def test_decoder_reads_encoder_and_trains(skips):
-    model = randomise(M.MAE(tiny(decoder_skips=skips)))
+@pytest.mark.parametrize("skips,depth", [(True, 12), (False, 12), (True, 3), (True, 1)])
+def test_decoder_reads_encoder_and_trains(skips, depth):
+    """Every parameter in the graph, the last encoder block's too: at an odd depth the skips are counted from it
+    (counted from block 1, depth 3 left block 2 unread and depth 1 had no skip: the decoder saw no image)."""
+    model = randomise(M.MAE(tiny(decoder_skips=skips, depth=depth)))
     imgs = torch.randn(2, 3, 32, 32)
     loss, _, _ = model(imgs)
     loss.backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused, f"parameters outside the graph break DDP: {unused}"
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.encoder.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("skips", [True, False])
+def test_residual_streams_stay_fp32_under_bf16_autocast(skips):
+    """Autocast runs the layers in bf16, but each stream adds them to fp32 (the encoder's and the plain decoder's
+    through their fp32 pos_embed); the skip decoder's stream, started from a Linear, used to stay bf16."""
+    model, streams = M.MAE(tiny(decoder_skips=skips)), []
+    for block in (model.encoder.blocks[-1], model.decoder_blocks[-1]):
+        block.register_forward_hook(lambda m, inp, out: streams.append((inp[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+    assert streams == [(torch.float32, torch.float32)] * 2
 
 
 def test_skips_feed_the_decoder_deepest_first():

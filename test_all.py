@@ -2176,6 +2176,26 @@ def test_study_arm_names_give_their_flags():
             arm_flags(bad)
 
 
+def test_study_scripts_stop_a_run_past_its_time_with_ctrl_c_then_a_kill(tmp_path, monkeypatch):
+    """curve.py --train-seconds: the run gets SIGINT first (pretrain.py then saves the step under way; a kill would
+    lose everything since its last save), and a kill only if it has not stopped grace seconds later."""
+    monkeypatch.syspath_prepend(os.path.join(HERE, "results"))
+    import study
+    polite, stubborn = tmp_path / "polite.py", tmp_path / "stubborn.py"
+    polite.write_text("import pathlib, signal, sys, time\n"
+                      f"signal.signal(signal.SIGINT, lambda *a: (pathlib.Path({str(tmp_path / 'saved')!r}).touch(), sys.exit(130)))\n"
+                      "time.sleep(60)\n")
+    stubborn.write_text("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n")
+    for script, grace in ((polite, 20), (stubborn, 1)):
+        start = time.time()
+        with pytest.raises(subprocess.TimeoutExpired):
+            study.sh(script, timeout=1, grace=grace)
+        assert time.time() - start < 10  # the polite one stopped at once, the stubborn one was killed
+    assert (tmp_path / "saved").exists()
+    with pytest.raises(subprocess.CalledProcessError):  # a failure is still one
+        study.sh("-c", "import sys; sys.exit(3)")
+
+
 def test_curve_probes_each_kept_checkpoint(tmp_path):
     """curve.py's last point is the finished run: it must match probe.py and rank.py run on ckpt.pt directly."""
     root = write_png_folder(str(tmp_path / "imgs"))

@@ -5,8 +5,8 @@
 Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets probe.py (probe_eNNN.json) and rank.py
 (rank_eNNN.json). The summary (curve.json) and the figure (curve.png: linear probe at the last and the best block,
 k-NN and effective rank at the last block, against epochs, with the raw-pixel floor of baselines.json) go to <out>.
---train-seconds caps each pretraining: the checkpoints kept by then are still measured, and the next call resumes
-the run from its ckpt.pt (exact on CPU; on a GPU, up to the noise of its non-deterministic kernels). The curve is
+--train-seconds caps each pretraining (then a Ctrl-C: pretrain.py saves the step under way): the checkpoints kept by
+then are still measured, and the next call resumes the run from its ckpt.pt (exact on CPU; on a GPU, up to the noise of its non-deterministic kernels). The curve is
 read from the JSON files, so a kept checkpoint can be deleted once measured; only ckpt.pt is needed to go on.
 A folder whose curve.json records another --epochs, --every, --seed or --arm-blr is refused (its runs would be
 taken as this request's); --collect takes those four from curve.json.
@@ -51,7 +51,8 @@ def train(name, args, extra):
     try:
         sh("pretrain.py", *flags, timeout=args.train_seconds)
     except subprocess.TimeoutExpired:
-        print(f"{name}: pretraining stopped at --train-seconds {args.train_seconds}; measuring what it kept", flush=True)
+        print(f"{name}: pretraining stopped at --train-seconds {args.train_seconds} (its ckpt.pt saved at the step under "
+              "way); measuring what it kept", flush=True)
     except subprocess.CalledProcessError as error:
         print(f"failed: {name} (exit {error.returncode})", flush=True)
 

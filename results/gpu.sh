@@ -26,12 +26,13 @@
 #        CURVE_FLAGS adds runtime flags to pretrain.py (e.g. "--compile-mode reduce-overhead"); CURVE_FLAGS=auto takes
 #        that one if `fast`, run before it in the same call, saw CUDA graphs beat the default compile by 10%
 # Each stage has its own time limit, so one that overruns leaves the rest standing; mfu, study, curve and levers get what is
-# left of BUDGET_S (default 540 s, counted from the start) less 60 s, kept for packing the files.
+# left of BUDGET_S (default 540 s, counted from the start) less 30 s, kept for packing the files (it takes seconds);
+# the fixed limits are cut to what is left too.
 set -u
 OUT=${1:?usage: bash results/gpu.sh OUT_DIR ["STAGE ..." | all], stages: bench mfu fast fast-step levers default study curve}
 STAGES=${2:-all}
 want() { { [ "$STAGES" = all ] && [ "$1" != levers ]; } || [[ " $STAGES " == *" $1 "* ]]; }
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 60 ))
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} - 30 ))
 mkdir -p "$OUT"
 PY=${PY:-python3}
 QUICK=${QUICK:-0}  # QUICK=1: a tiny CPU dry run of this script's plumbing, no numbers
@@ -39,6 +40,7 @@ export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu-${STAGES// /-}.log") 2>&1
 stamp() { echo "=== $(date -u +%H:%M:%S) $*"; }
 left() { local s=$(( DEADLINE - $(date +%s) - ${1:-0} )); echo $(( s > 1 ? s : 1 )); }  # seconds to DEADLINE less $1
+upto() { local s=$(left); echo $(( $1 < s ? $1 : s )); }  # $1 seconds, or what is left if less
 steady() {  # the median img/s of a run's log lines after the first (which holds compiling); empty if none
   grep -o "[0-9.]* img/s" "$1" 2>/dev/null | tail -n +2 | sort -n | awk '{v[NR]=$1} END {if (NR) printf "%.0f\n", v[int((NR+1)/2)]}'
 }
@@ -50,7 +52,8 @@ nproc
 
 if [ "$QUICK" = 1 ]; then
   BENCH="--model vit_p4_32 --batch-size 32 --steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
-  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 --blrs 1.5e-3"; CURVE_EPOCHS=2; CURVE_EVERY=1; CAP="--max-steps 3"
+  STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 --blrs 1.5e-3"; CURVE_EPOCHS=${CURVE_EPOCHS:-2}
+  CURVE_EVERY=${CURVE_EVERY:-1}; CAP=${CAP-"--max-steps 3"}  # CAP= lets a run meet the time limit (its Ctrl-C save)
   PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
 else
   BENCH="--model vit_b16 --batch-size 256 --steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
@@ -60,9 +63,9 @@ fi
 
 if want bench; then
 stamp "bench eager (ours vs timm Block)"
-timeout 120 $PY bench.py --no-compile $BENCH
+timeout $(upto 120) $PY bench.py --no-compile $BENCH
 stamp "bench compiled (ours) vs timm Block eager"
-timeout 240 $PY bench.py --compile $BENCH
+timeout $(upto 240) $PY bench.py --compile $BENCH
 
 stamp "bench-data: ImageFolder of $N_JPEG JPEGs, $WORKERS workers"
 $PY - "$OUT/jpegs" "$N_JPEG" <<'EOF'
@@ -82,8 +85,8 @@ def write(i):  # ImageNet-like size and detail: smooth colour fields plus grain,
 with Pool() as pool:
     pool.map(write, range(n + 64))
 EOF
-timeout 90 $PY bench.py --loader --data "$OUT/jpegs" --workers $WORKERS --batch-size 256 --steps 25
-timeout 60 $PY bench.py --loader --workers $WORKERS --batch-size 256 --steps 25
+timeout $(upto 90) $PY bench.py --loader --data "$OUT/jpegs" --workers $WORKERS --batch-size 256 --steps 25
+timeout $(upto 60) $PY bench.py --loader --workers $WORKERS --batch-size 256 --steps 25
 rm -rf "$OUT/jpegs"
 
 fi
@@ -92,13 +95,13 @@ fi
 
 if want mfu && ! want bench; then
 stamp "mfu: ours compiled vs timm Block eager, then our step's kernels ranked by GPU time"
-T=$(left); timeout $(( T < 200 ? T : 200 )) $PY bench.py --compile $BENCH --profile  # within BUDGET_S: levers follow
+timeout $(upto 200) $PY bench.py --compile $BENCH --profile  # within BUDGET_S: levers follow
 fi
 
 if want fast; then
 fast_run() {  # a name, then pretrain.py's flags; 48 steps an epoch at batch 1024, a log line every 12 (the first holds compiling)
   stamp "fast: vit_m4_32, ${*:2}"
-  timeout 150 $PY pretrain.py --alpha-schedule none --epochs 3 --log-every 12 --out-dir "$OUT/fast-$1" "${@:2}" $CAP \
+  timeout $(upto 150) $PY pretrain.py --alpha-schedule none --epochs 3 --log-every 12 --out-dir "$OUT/fast-$1" "${@:2}" $CAP \
     | grep -E "img/s|done" | tee "$OUT/fast-$1.txt"
   echo "steady: $(steady "$OUT/fast-$1.txt") img/s (median of the log lines after the first)"
 }
@@ -106,15 +109,15 @@ fast_run device --batch-size 1024 --device-data
 fast_run loader --batch-size 1024 --no-device-data --max-steps 48
 fast_run graphs --batch-size 1024 --device-data --compile-mode reduce-overhead  # the launch-bound step's lever
 fast_run device-2048 --batch-size 2048 --device-data  # the other: fewer launches per image
-timeout 60 $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
+timeout $(upto 60) $PY bench.py --loader --batch-size 1024 --steps 20 --workers 8
 fi
 
 if want fast-step; then
 stamp "fast: the vit_m4_32 step alone (synthetic batch), default compile and CUDA graphs (reduce-overhead)"
 for MODE in default reduce-overhead; do  # on the H100 the whole loop took 22 ms a step at batch 1024 and 30 at 256
-  for B in 256 1024; do timeout 90 $PY bench.py --compile --compile-mode $MODE --model vit_m4_32 --batch-size $B --steps 50; done
+  for B in 256 1024; do timeout $(upto 90) $PY bench.py --compile --compile-mode $MODE --model vit_m4_32 --batch-size $B --steps 50; done
 done
-timeout 90 $PY bench.py --compile --model vit_m4_32 --batch-size 1024 --steps 20 --profile | tail -22  # the kernels
+timeout $(upto 90) $PY bench.py --compile --model vit_m4_32 --batch-size 1024 --steps 20 --profile | tail -22  # the kernels
 fi
 
 if want levers; then  # not in `all`: max-autotune compiles ViT-B/16 for minutes
@@ -122,16 +125,16 @@ for LEVER in "--batch-size 256 --compile-mode reduce-overhead" "--batch-size 256
              "--batch-size 512" "--batch-size 512 --compile-mode reduce-overhead"; do  # the target's batch first
   [ "$(left)" -ge 90 ] || { echo "levers: BUDGET_S spent, not run: $LEVER"; continue; }
   stamp "levers: vit_b16 compiled, $LEVER"
-  T=$(left); timeout $(( T < 280 ? T : 280 )) $PY bench.py --compile --model vit_b16 --steps 30 $LEVER
+  timeout $(upto 280) $PY bench.py --compile --model vit_b16 --steps 30 $LEVER
 done
 fi
 
 if want default; then
 stamp "the default command, on this machine's default device"
 T0=$(date +%s)
-timeout 100 $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --log-every 100 $DEFAULT \
+timeout $(upto 100) $PY pretrain.py --alpha-schedule linear --out-dir "$OUT/default" --log-every 100 $DEFAULT \
   && echo "default command wall: $(( $(date +%s) - T0 )) s" \
-  && timeout 60 $PY probe.py "$OUT/default/ckpt.pt" $PROBE | tail -4
+  && timeout $(upto 60) $PY probe.py "$OUT/default/ckpt.pt" $PROBE | tail -4
 fi
 
 if want study; then
@@ -166,7 +169,7 @@ else
 stamp "curve: 200 epochs, probe and rank every 25"
 timeout $(left) $PY results/curve.py --out "$CURVE" --arms none linear-0.8 \
   --arm-blr none=1.5e-3 linear-0.8=1.5e-3 --epochs ${CURVE_EPOCHS:-200} --every ${CURVE_EVERY:-25} \
-  --train-seconds $(left 75) \
+  --train-seconds $(left 60) \
   --pretrain-args="--workers 6 $CAP ${CURVE_FLAGS:-}" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
 for run in "$CURVE"/runs/*; do
   [ -f "$run/ckpt.pt" ] && gzip -1 "$run/ckpt.pt" && split -b 15M "$run/ckpt.pt.gz" "$OUT/$(basename "$run").ckpt.pt.gz.part-" \
@@ -176,6 +179,10 @@ fi
 fi
 
 stamp "pack"
+for kept in "$OUT"/curve/runs/*/ckpt_epoch*.pt; do  # a resumed run never writes an earlier epoch's copy again
+  e=${kept##*ckpt_epoch}; [ -f "$kept" ] && [ ! -f "$(dirname "$kept")/rank_e${e%.pt}.json" ] \
+    && echo "warning: $kept was not measured before the deadline: that point of the curve is lost"
+done
 find "$OUT" -name "ckpt*.pt*" -delete  # kept checkpoints (measured: the JSONs hold them), .pt.tmpPID of a cut save
 PACKED=$(cd "$OUT" && ls -d default study curve fast* 2>/dev/null)
 # a reply brings back at most 8 files of 16 MiB: the log, this tar and the checkpoint parts (stop 22 lost a checkpoint

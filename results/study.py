@@ -19,6 +19,7 @@ with their logs; a run whose rank.json exists is not rerun. The summary (study.j
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,13 +73,27 @@ def machine():
     return f"{os.cpu_count()} CPU cores: {describe_machine('cpu')}"
 
 
-def sh(*args, timeout=None, log=None):
+def sh(*args, timeout=None, log=None, grace=20):
+    """Run a script of the repository; raises CalledProcessError on failure. Past timeout it gets a Ctrl-C (SIGINT:
+    pretrain.py saves the step under way and stops, so a run cut short loses nothing), then, grace seconds later,
+    a kill; and TimeoutExpired is raised."""
     start = time.time()
     with open(log or os.devnull, "w") as sink:
+        process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=sink,
+                                   stderr=sink if log else None, env={"OMP_NUM_THREADS": "1", **os.environ})
         try:
-            subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True, stdout=sink, stderr=sink if log else None,
-                           timeout=timeout, env={"OMP_NUM_THREADS": "1", **os.environ})
+            try:
+                code = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGINT)
+                process.wait(grace)  # raises TimeoutExpired in its turn: the kill below
+                raise
+            if code:
+                raise subprocess.CalledProcessError(code, args)
         finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
             print(f"$ {' '.join(map(str, args))}   [{time.time() - start:.0f} s]", flush=True)
 
 

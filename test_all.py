@@ -1359,6 +1359,22 @@ def test_glyphs_preview_into_a_missing_folder_stops_before_drawing(tmp_path, mon
     assert stop.value.code == 2 and "no_such_folder is not a folder this user can write" in capsys.readouterr().err
 
 
+def test_a_facebookresearch_mae_training_checkpoint_loads(tmp_path):
+    """checkpoint-N.pth of facebookresearch/mae's main_pretrain.py: the whole MAE's weights (decoder included, which
+    is left out), the optimizer, the epoch, and the flags as an argparse.Namespace (which weights_only refuses unless
+    allowed by name)."""
+    import argparse
+    import probe
+    source = randomise(M.MAE(tiny(alpha_schedule="none", decoder_skips=False, width=128, heads=2))).eval()
+    weights = timm_layout(source) | {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(32, 128)}
+    torch.save({"model": weights, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True)}, tmp_path / "checkpoint-799.pth")
+    model, ckpt = probe.load_model(str(tmp_path / "checkpoint-799.pth"))
+    imgs = torch.randn(2, 3, 32, 32)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(source.features(imgs), model.eval().features(imgs)))
+    assert probe.trained_args(ckpt) == {} and probe.epochs_done(ckpt) is None  # its data: --data says
+
+
 def test_probe_refuses_weights_for_other_than_rgb_in_one_line(tmp_path, capsys):
     """A 1-channel patch embedding loads (its layout is valid) but every data set here is RGB: said at load."""
     import probe

@@ -275,6 +275,19 @@ def writable(path):
     return path
 
 
+def note_if_replacing(path, checkpoints):
+    """Say so, before the work, when path holds the report of other checkpoints (--compare of another set writes the
+    same file name): it is about to be replaced."""
+    try:
+        with open(path) as f:
+            before = [c["checkpoint"] for c in json.load(f)["checkpoints"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if before != [str(c) for c in checkpoints]:
+        print(f"note: {path} holds the report of {', '.join(map(str, before))}; this run replaces it (--out writes "
+              "elsewhere)")
+
+
 def save_json(path, report):
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -425,6 +425,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     steps_per_epoch = len(train_set) // (args.batch_size * args.accum_steps)
     planned = args.epochs * steps_per_epoch
     total = min(planned, args.max_steps or planned)
+    epochs = math.ceil(total / steps_per_epoch)  # as the log counts them: a capped run's
     # a capped run keeps the schedule's shape; the rounding keeps 0.29 epochs of 100 steps (28.999...) at 29 steps
     warmup = int(round(args.warmup_epochs * steps_per_epoch * total / planned, 6))
     peak_lr = args.blr * args.batch_size * args.accum_steps / 256
@@ -448,6 +449,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
         sys.exit(130)
     t_start = t_log = t_wall = time.time()  # img/s from t_log (training alone), the eta from t_wall (saves too)
     steps_at_log = first_step = step
+    mean_loss = None
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         items.epoch = epoch
@@ -496,7 +498,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                 if master:
                     mfu = f" | mfu {flops * img_s / (peak * world):5.1%}" if peak else ""
                     eta = duration((total - step) * (now - t_wall) / (step - steps_at_log))
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                    print(f"epoch {epoch + 1}/{epochs} step {step}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                           f"{img_s:7.1f} img/s{mfu} | eta {eta}", flush=True)
                     append_log(log_path, dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, img_per_s=img_s))
                 loss_sum.zero_()
@@ -522,6 +524,20 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             else "finished before this command: nothing left to train"
         print(f"done: step {step} of {total} ({session}); checkpoint {ckpt_path}\n"
               f"next: python probe.py {shlex.quote(ckpt_path)}   and   python rank.py {shlex.quote(ckpt_path)}")
+        if note := plateau_note(mean_loss, cfg):
+            print(note)
+
+
+def plateau_note(loss, cfg):
+    """A line for a run that ends on MAE's early plateau, near the loss of predicting every hidden patch flat (its
+    own mean; in norm-pix units that is (d-1)/d for the d values of a patch, less on flat patches): there a probe
+    of the encoder can read below an untrained one's (README). None for a run past it, or without norm-pix."""
+    flat = 1 - 1 / (cfg.patch_size ** 2 * cfg.in_chans)
+    if cfg.norm_pix_loss and loss is not None and loss > 0.95 * flat:
+        return (f"note: the loss, {loss:.3f}, is still near {flat:.3f}, what predicting each hidden patch flat gives: the "
+                "encoder has barely begun to learn, and a probe of it can read below an untrained one's; train longer "
+                "before comparing (README: the early plateau)")
+    return None
 
 
 def duration(seconds):

@@ -21,7 +21,8 @@ from einops import rearrange
 import data
 from model import MAE
 from common import (WORKERS, Parser, autocast, beside, fail, json_file, load_checkpoint, lr_at, non_negative_int,
-                    one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json, writable)
+                    note_if_replacing, one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json,
+                    writable)
 
 # Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -376,6 +377,7 @@ def main(argv=None):
         fail("--compare: the checkpoints have different depths; pass --layers with blocks they all have")
     args.data, args.data_root = data_source(loaded[0][1], args, paths[0])  # every checkpoint is probed on these
     out = writable(args.out or beside(args.checkpoint, "probe_compare.json" if args.compare else "probe.json"))
+    note_if_replacing(out, paths)
     alone = None if args.compare else out  # --compare: one file for all
     reports = [probe_checkpoint(path, model, ckpt, args, alone, explain=i == 0)  # the headline's why: once
                for i, (path, (model, ckpt)) in enumerate(zip(paths, loaded))]

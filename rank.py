@@ -15,8 +15,8 @@ import time
 import torch
 
 import data
-from common import (Parser, beside, fail, json_file, non_negative_int, one_thread, pick_device, pyplot, save_figure,
-                    save_json, writable)
+from common import (Parser, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread, pick_device,
+                    pyplot, save_figure, save_json, writable)
 from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "each image's tokens, mean over M"}
@@ -128,6 +128,7 @@ def main(argv=None):
     start, device = time.time(), pick_device(args.device)
     models = [(path, *load_model(path)) for path in [args.checkpoint, *args.compare]]  # a list: a path may repeat
     out = writable(args.out or beside(args.checkpoint, "rank_compare.json" if args.compare else "rank.json"))
+    note_if_replacing(out, [path for path, _, _ in models])
     name, root = data_source(models[0][2], args, args.checkpoint)
     results = []
     for path, model, _ in models:

@@ -1388,12 +1388,36 @@ def test_probe_refuses_weights_for_other_than_rgb_in_one_line(tmp_path, capsys):
 
 def test_the_closing_line_counts_this_sessions_steps(tmp_path, capsys):
     out = tmp_path / "run"
-    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out)
-    assert "done: step 2 of 2 (2 in this session" in capsys.readouterr().out
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--log-every", 1, "--out-dir", out)
+    printed = capsys.readouterr().out
+    assert "done: step 2 of 2 (2 in this session" in printed
+    assert "epoch 1/1 step 2/2" in printed  # the capped run's epochs, not the 2 planned
+    assert "note: the loss, 0.9" in printed  # 2 steps: still on the plateau, where probes mislead
     before = (out / "ckpt.pt").read_bytes()
     pretrain_here("--resume", "--out-dir", out)  # a finished run: said so, and nothing written
-    assert "done: step 2 of 2 (finished before this command: nothing left to train)" in capsys.readouterr().out
-    assert (out / "ckpt.pt").read_bytes() == before
+    printed = capsys.readouterr().out
+    assert "done: step 2 of 2 (finished before this command: nothing left to train)" in printed
+    assert (out / "ckpt.pt").read_bytes() == before and "note:" not in printed
+
+
+def test_the_plateau_note_is_for_runs_near_the_flat_prediction():
+    """In norm-pix units a flat prediction of a 4 x 4 x 3 patch costs (48 - 1) / 48 = 0.979; the default run's
+    plateau is 0.965 (README), its end 0.77."""
+    cfg = M.preset("vit_m4_32")
+    assert "still near 0.979" in pretrain.plateau_note(0.965, cfg)
+    assert pretrain.plateau_note(0.77, cfg) is None and pretrain.plateau_note(None, cfg) is None
+    assert pretrain.plateau_note(0.965, M.preset("vit_m4_32", norm_pix_loss=False)) is None
+
+
+def test_a_report_about_to_be_replaced_is_named(tmp_path, capsys):
+    report = tmp_path / "probe_compare.json"
+    report.write_text(json.dumps({"checkpoints": [{"checkpoint": "a/ckpt.pt"}, {"checkpoint": "b/ckpt.pt"}]}))
+    common.note_if_replacing(str(report), ["a/ckpt.pt", "b/ckpt.pt"])  # the same comparison again: no note
+    assert capsys.readouterr().out == ""
+    common.note_if_replacing(str(report), ["a/ckpt.pt", "c/ckpt.pt"])
+    assert capsys.readouterr().out.startswith(f"note: {report} holds the report of a/ckpt.pt, b/ckpt.pt; this run replaces")
+    common.note_if_replacing(str(tmp_path / "none.json"), ["a/ckpt.pt"])  # nothing there: nothing said
+    assert capsys.readouterr().out == ""
 
 
 def test_eta_keeps_whole_days():

@@ -4,6 +4,7 @@ overlay each other and not the residual one (README, "Decay is a learning rate")
 
     python results/decay_as_lr.py                                   # three default runs, two at a time, then the figure
     python results/decay_as_lr.py --out /tmp/x --pretrain-args="--max-steps 100"      # a quick look
+    python results/decay_as_lr.py --init-only      # the two forms' gap at initialisation alone, in seconds
 
 Runs go to <out>/<form>/ (the default command plus the form's flags); overlay.png and overlay.json go to <out>. A
 run whose checkpoint exists is resumed (a finished one ends at once, untouched). Last, probe.py compares the decayed
@@ -83,6 +84,7 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "decay_as_lr"))
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2)")
     p.add_argument("--pretrain-args", default="", help="more pretrain.py flags, e.g. --pretrain-args=\"--max-steps 100\"")
+    p.add_argument("--init-only", action="store_true", help="print the two forms' gap at initialisation, train nothing")
     args = p.parse_args()
     folders = {form: os.path.join(args.out, form.replace(" ", "_")) for form in FORMS}
 
@@ -94,6 +96,8 @@ def main():
 
     gaps = init_gap()
     print(f"encoder outputs of the two forms, relative L2 gap: {gaps}")
+    if args.init_only:
+        return
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(train, FORMS))
     curves = {form: losses(folder) for form, folder in folders.items()}

@@ -6,8 +6,9 @@ Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets pr
 (rank_eNNN.json). The summary (curve.json) and the figure (curve.png: linear probe at the last and the best block,
 k-NN and effective rank at the last block, against epochs, with the raw-pixel floor of baselines.json) go to <out>.
 --train-seconds caps each pretraining (then a Ctrl-C: pretrain.py saves the step under way): the checkpoints kept by
-then are still measured, and the next call resumes the run from its ckpt.pt (exact on CPU; on a GPU, up to the noise of its non-deterministic kernels). The curve is
-read from the JSON files, so a kept checkpoint can be deleted once measured; only ckpt.pt is needed to go on.
+then are still measured, and the next call resumes the run from its ckpt.pt (exact on CPU; on a GPU, up to the noise
+of its non-deterministic kernels). The curve is read from the JSON files, so a kept checkpoint can be deleted once
+measured; only ckpt.pt is needed to go on.
 A folder whose curve.json records another --epochs, --every, --seed or --arm-blr is refused (its runs would be
 taken as this request's); --collect takes those four from curve.json.
 """

@@ -283,7 +283,7 @@ def note_if_replacing(path, checkpoints):
             before = [c["checkpoint"] for c in json.load(f)["checkpoints"]]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if before != [str(c) for c in checkpoints]:
+    if [os.path.realpath(str(c)) for c in before] != [os.path.realpath(str(c)) for c in checkpoints]:
         print(f"note: {path} holds the report of {', '.join(map(str, before))}; this run replaces it (--out writes "
               "elsewhere)")
 

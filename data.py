@@ -166,8 +166,13 @@ def _torchvision_arrays(name, split, download, root):
 def one_download_at_a_time(root):
     """torchrun starts every process with --download: the first to take the lock downloads and extracts, the others
     wait and then find the files complete (torchvision checks them), instead of writing the same files at once."""
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".download.lock"), "a") as lock:
+    try:
+        os.makedirs(root, exist_ok=True)
+        lock = open(os.path.join(root, ".download.lock"), "a")
+    except OSError:  # a root this user cannot write: complete already, or torchvision says what is wrong
+        yield
+        return
+    with lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         yield

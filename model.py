@@ -7,6 +7,7 @@ Read top to bottom: alpha, blocks, ViT encoder, MAE, config, checkpoint loading.
 einops axis letters: b batch, n tokens, d channels, h/w patch grid, p1/p2 pixels inside a patch,
 c colour channels, nh attention heads, hd channels per head.
 """
+import argparse
 import itertools
 import math
 import operator
@@ -340,7 +341,10 @@ class MAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, source, heads=None):
         """Rebuild from a pretrain.py checkpoint (path or dict) or a timm / facebookresearch-mae ViT state_dict."""
-        ckpt = torch.load(source, map_location="cpu", weights_only=True) if not isinstance(source, dict) else source
+        if not isinstance(source, dict):  # facebookresearch/mae's checkpoint-N.pth holds its flags as a Namespace
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                source = torch.load(source, map_location="cpu", weights_only=True)
+        ckpt = source
         if "config" in ckpt and "model" in ckpt:
             check_alphas(ckpt)
             model = cls(MAEConfig(**ckpt["config"]))

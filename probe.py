@@ -87,7 +87,17 @@ def get_split(name, split, img_size, root, n, download=False):
     if not n or n >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-    return data.Sample(dataset, order[:n].sort().values.tolist())
+    return readable(data.Sample(dataset, order[:n].sort().values.tolist()))
+
+
+def readable(sample):
+    """The sample, once its first item is read: one of no readable image fails here in one line, not as a DataLoader
+    worker's traceback (the folder can have readable files outside it)."""
+    try:
+        sample[0]
+    except data.DataError as error:
+        fail(str(error))
+    return sample
 
 
 def make_loader(dataset, batch_size, device, workers=None):
@@ -292,10 +302,10 @@ def probe_splits(name, img_size, root, args):
     if n_train < 2:  # one image has no feature variance to normalise by: every head would predict one class
         fail(f"{name}: the linear probe needs at least 2 train images; the sample holds {n_train} "
              f"(--n-train {args.n_train}, {len(order)} train images, {n_val} of them for validation)")
-    splits = {"train": data.Sample(train, sorted(order[:n_train])),
+    splits = {"train": readable(data.Sample(train, sorted(order[:n_train]))),
               "test": get_split(name, "test", img_size, root, args.n_test, args.download)}
     if n_val:
-        splits["val"] = data.Sample(train, sorted(order[len(order) - n_val:]))
+        splits["val"] = readable(data.Sample(train, sorted(order[len(order) - n_val:])))
     return splits
 
 

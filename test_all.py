@@ -773,7 +773,7 @@ def test_accumulation_equals_the_large_batch_and_resumes_exactly_at_an_epoch_bou
 def test_downloads_take_turns_under_torchrun(tmp_path, monkeypatch):
     """Every torchrun process runs the download: each holds a lock on the data root while torchvision fetches and
     extracts (a second taker would block), so none writes files another is writing; reading takes no lock."""
-    import fcntl
+    fcntl = pytest.importorskip("fcntl")  # Windows: downloads go unlocked
     held, arrays = [], (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), [0, 1], ["a", "b"])
 
     def fetch(name, split, download, root):
@@ -791,6 +791,8 @@ def test_downloads_take_turns_under_torchrun(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_torchvision_arrays", lambda *args: arrays)
     data.get_dataset("cifar10", "train", 32, train_aug=False, root=str(tmp_path / "elsewhere"))
     assert not (tmp_path / "elsewhere").exists()  # without --download: no lock, no folder made
+    (tmp_path / "a_file").write_text("")  # a root where no lock can be made (read-only, say): torchvision decides
+    data.get_dataset("cifar10", "train", 32, train_aug=False, download=True, root=str(tmp_path / "a_file" / "sub"))
 
 
 # ----------------------------------------------------------------------------- the device data path (issue 14)
@@ -1372,6 +1374,8 @@ def test_a_facebookresearch_mae_training_checkpoint_loads(tmp_path):
     model, ckpt = probe.load_model(str(tmp_path / "checkpoint-799.pth"))
     imgs = torch.randn(2, 3, 32, 32)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(source.features(imgs), model.eval().features(imgs)))
+    direct = M.MAE.from_checkpoint(str(tmp_path / "checkpoint-799.pth")).eval()  # the API reads it too
+    assert all(torch.equal(a, b) for a, b in zip(direct.features(imgs), model.features(imgs)))
     assert probe.trained_args(ckpt) == {} and probe.epochs_done(ckpt) is None  # its data: --data says
 
 
@@ -1413,6 +1417,7 @@ def test_a_report_about_to_be_replaced_is_named(tmp_path, capsys):
     report = tmp_path / "probe_compare.json"
     report.write_text(json.dumps({"checkpoints": [{"checkpoint": "a/ckpt.pt"}, {"checkpoint": "b/ckpt.pt"}]}))
     common.note_if_replacing(str(report), ["a/ckpt.pt", "b/ckpt.pt"])  # the same comparison again: no note
+    common.note_if_replacing(str(report), ["./a/ckpt.pt", os.path.abspath("b/ckpt.pt")])  # spelled otherwise
     assert capsys.readouterr().out == ""
     common.note_if_replacing(str(report), ["a/ckpt.pt", "c/ckpt.pt"])
     assert capsys.readouterr().out.startswith(f"note: {report} holds the report of a/ckpt.pt, b/ckpt.pt; this run replaces")
@@ -1939,6 +1944,13 @@ def test_an_unreadable_file_is_replaced_from_its_own_sample(tmp_path, capsys):
     seen = {split: [x for x, _ in splits[split]] for split in ("train", "val")}
     assert not any(torch.equal(a, b) for a in seen["val"] for b in seen["train"])
     assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
+    args.n_val = 1  # a sample of one unreadable file, in a folder of readable ones: one line, exit 2
+    lone = probe.probe_splits(root, 32, "./data", args)["val"].indices[0]
+    with open(train.dataset.samples[lone][0], "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(SystemExit) as stop:
+        probe.probe_splits(root, 32, "./data", args)
+    assert stop.value.code == 2 and "no image of a sample of 1 under" in capsys.readouterr().err
 
 
 def test_probe_and_rank_on_a_folder_of_no_readable_image_say_so_in_one_line(finished_run, tmp_path):
@@ -2229,8 +2241,8 @@ def test_study_scripts_stop_a_run_past_its_time_with_ctrl_c_then_a_kill(tmp_path
     for script, grace in ((polite, 20), (stubborn, 1)):
         start = time.time()
         with pytest.raises(subprocess.TimeoutExpired):
-            study.sh(script, timeout=1, grace=grace)
-        assert time.time() - start < 10  # the polite one stopped at once, the stubborn one was killed
+            study.sh(script, timeout=3, grace=grace)  # time enough for the polite one to set up its handler
+        assert time.time() - start < 12  # the polite one stopped at once, the stubborn one was killed
     assert (tmp_path / "saved").exists()
     with pytest.raises(subprocess.CalledProcessError):  # a failure is still one
         study.sh("-c", "import sys; sys.exit(3)")

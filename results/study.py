@@ -82,19 +82,27 @@ def sh(*args, timeout=None, log=None, grace=20):
         process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=sink,
                                    stderr=sink if log else None, env={"OMP_NUM_THREADS": "1", **os.environ})
         try:
-            try:
-                code = process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGINT)
-                process.wait(grace)  # raises TimeoutExpired in its turn: the kill below
-                raise
-            if code:
-                raise subprocess.CalledProcessError(code, args)
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            stop(process, grace)
+            raise
+        except BaseException:  # a Ctrl-C of this script, which the child got too: let it save
+            stop(process, grace)
+            raise
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
             print(f"$ {' '.join(map(str, args))}   [{time.time() - start:.0f} s]", flush=True)
+        if code:
+            raise subprocess.CalledProcessError(code, args)
+
+
+def stop(process, grace):
+    """Wait up to grace seconds for a process told to stop, then kill it."""
+    try:
+        process.wait(grace)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        process.kill()
+        process.wait()
 
 
 def probe_summary(path):

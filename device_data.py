@@ -53,11 +53,14 @@ def crop_and_flip(images, top, left, h, w, flip, size):
     DataLoader path runs) would, short of its rounding to uint8. A resize is linear and separable: two batched
     matrix products with the weights of resize_weights, across (the width) and then down, rounded to 8 bits in
     between as PIL and torch's uint8 kernel do."""
-    rows = resize_weights(top, h, size, images.shape[-2])
-    cols = resize_weights(left, w, size, images.shape[-1])
+    # float64 (but on MPS, which lacks it): a last-bit difference, as another batch count (a DDP rank's share) may
+    # give, would almost never cross the rounding between the passes
+    exact = torch.float32 if images.device.type == "mps" else torch.float64
+    rows = resize_weights(top.to(exact), h.to(exact), size, images.shape[-2])
+    cols = resize_weights(left.to(exact), w.to(exact), size, images.shape[-1])
     cols = torch.where(flip[:, None, None] < 0, cols.flip(1), cols)
-    across = (images.float() @ cols[:, None].transpose(-1, -2)).round().clamp(0, 255)  # 8 bits between passes
-    return (rows[:, None] @ across).clamp(0, 255).expand(-1, 3, -1, -1)  # per channel: grey is expanded last
+    across = (images.to(exact) @ cols[:, None].transpose(-1, -2)).round().clamp(0, 255)  # 8 bits between passes
+    return (rows[:, None] @ across).clamp(0, 255).float().expand(-1, 3, -1, -1)  # per channel: grey expanded last
 
 
 class DeviceBatches:

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+from model import read_checkpoint
+
 
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
@@ -165,9 +167,8 @@ def load_checkpoint(path):
         fail(f"{path} is a folder; pass the checkpoint file in it (e.g. {os.path.join(path, 'ckpt.pt')})")
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; pass the ckpt.pt that pretrain.py wrote")
-    try:  # facebookresearch/mae's training checkpoints (checkpoint-N.pth) hold their flags as an argparse.Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = read_checkpoint(path)
     except Exception as e:
         fail(f"{path} is not a checkpoint torch can read ({type(e).__name__}); pass a ckpt.pt from pretrain.py")
     if not isinstance(ckpt, dict):

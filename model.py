@@ -341,16 +341,20 @@ class MAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, source, heads=None):
         """Rebuild from a pretrain.py checkpoint (path or dict) or a timm / facebookresearch-mae ViT state_dict."""
-        if not isinstance(source, dict):  # facebookresearch/mae's checkpoint-N.pth holds its flags as a Namespace
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                source = torch.load(source, map_location="cpu", weights_only=True)
-        ckpt = source
+        ckpt = read_checkpoint(source) if not isinstance(source, dict) else source
         if "config" in ckpt and "model" in ckpt:
             check_alphas(ckpt)
             model = cls(MAEConfig(**ckpt["config"]))
             model.load_state_dict(ckpt["model"])
             return model
         return from_timm(ckpt.get("model", ckpt), heads)
+
+
+def read_checkpoint(path):
+    """torch.load of weights and plain data only, which also lets through the argparse.Namespace that holds the flags
+    of facebookresearch/mae's training checkpoints (checkpoint-N.pth)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def init_weights(m):

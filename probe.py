@@ -81,9 +81,9 @@ def get_split(name, split, img_size, root, n, download=False):
     """A fixed seeded sample of n images (the whole split when n is 0), the same for every checkpoint."""
     try:
         dataset = data.get_dataset(name, split, img_size, train_aug=False, download=download, root=root)
-        dataset[0]  # a folder of no readable image fails here in one line, not as a DataLoader worker's traceback
     except data.DataError as error:
         fail(str(error))
+    readable(dataset)
     if not n or n >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
@@ -91,8 +91,8 @@ def get_split(name, split, img_size, root, n, download=False):
 
 
 def readable(sample):
-    """The sample, once its first item is read: one of no readable image fails here in one line, not as a DataLoader
-    worker's traceback (the folder can have readable files outside it)."""
+    """The sample (or whole split), once its first item is read: one of no readable image fails here in one line,
+    not as a DataLoader worker's traceback (a sample of a folder can fail where the folder would not)."""
     try:
         sample[0]
     except data.DataError as error:

@@ -359,8 +359,7 @@ def test_an_edited_alpha_that_cuts_the_stream_is_refused(gives):
 def test_an_edited_alpha_may_give_numpy_or_torch_numbers(kind, tmp_path):
     """np.cos or a torch op in an edit: accepted, and stored as plain floats (torch.load(weights_only=True) refuses
     numpy scalars in a checkpoint, which would show only when the trained run is loaded)."""
-    import numpy
-    paper, kind = M.alpha, {"numpy.float32": numpy.float32, "numpy.float64": numpy.float64, "torch.tensor": torch.tensor}[kind]
+    paper, kind = M.alpha, {"numpy.float32": np.float32, "numpy.float64": np.float64, "torch.tensor": torch.tensor}[kind]
     edited = lambda t, schedule="linear", alpha_min=0.6: kind(paper(t, schedule, alpha_min))
     with mock.patch.object(M, "alpha", edited):
         torch.save(M.MAE(tiny(alpha_schedule="linear")).checkpoint(), tmp_path / "ckpt.pt")
@@ -1344,7 +1343,6 @@ SCRIPTS = ["pretrain.py", "probe.py", "rank.py", "bench.py", "glyphs.py",
 def test_every_script_answers_help_without_doing_its_work(script, monkeypatch, capsys):
     """--help prints usage and exits 0 before any work: results/baselines.py used to start its 5-minute job (and
     write over its committed result), glyphs.py to generate the data set and then fail."""
-    import runpy
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     monkeypatch.setattr(sys, "path", list(sys.path))  # the results scripts add the repo's folder to it
     with pytest.raises(SystemExit) as stop:
@@ -1354,7 +1352,6 @@ def test_every_script_answers_help_without_doing_its_work(script, monkeypatch, c
 
 def test_glyphs_preview_into_a_missing_folder_stops_before_drawing(tmp_path, monkeypatch, capsys):
     """It used to draw both splits (a minute on CPU) and then fail to save, with a traceback."""
-    import runpy
     monkeypatch.setattr(sys, "argv", ["glyphs.py", str(tmp_path / "no_such_folder" / "x.png")])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(HERE, "glyphs.py"), run_name="__main__")
@@ -1365,8 +1362,6 @@ def test_a_facebookresearch_mae_training_checkpoint_loads(tmp_path):
     """checkpoint-N.pth of facebookresearch/mae's main_pretrain.py: the whole MAE's weights (decoder included, which
     is left out), the optimizer, the epoch, and the flags as an argparse.Namespace (which weights_only refuses unless
     allowed by name)."""
-    import argparse
-    import probe
     source = randomise(M.MAE(tiny(alpha_schedule="none", decoder_skips=False, width=128, heads=2))).eval()
     weights = timm_layout(source) | {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(32, 128)}
     torch.save({"model": weights, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799, "scaler": {},
@@ -1381,7 +1376,6 @@ def test_a_facebookresearch_mae_training_checkpoint_loads(tmp_path):
 
 def test_probe_refuses_weights_for_other_than_rgb_in_one_line(tmp_path, capsys):
     """A 1-channel patch embedding loads (its layout is valid) but every data set here is RGB: said at load."""
-    import probe
     state = timm_layout(M.MAE(tiny(width=128, heads=2, in_chans=1)))
     torch.save(state, tmp_path / "grey.pt")
     with pytest.raises(SystemExit) as stop:

@@ -135,15 +135,16 @@ def bench_steps(args, cfg, device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
     print(f"bench: {name}, {args.model}, batch {args.batch_size}, mask {cfg.mask_ratio}, skips {cfg.decoder_skips}, "
           f"{flops / 1e9:.1f} GFLOPs per image per step (forward {flops / 3e9:.1f})")
-    ours = MAE(cfg).to(device)
+    ours = MAE(cfg)
     label = "ours " + (f"compiled ({args.compile_mode})" if args.compile else "eager")
     variants = [(label, torch.compile(ours, mode=args.compile_mode) if args.compile else ours)]
     try:
-        variants.append(("timm Block, eager", timm_reference(cfg).to(device)))
+        variants.append(("timm Block, eager", timm_reference(cfg)))
     except ImportError:
         print("  (timm not installed: pip install timm to time the timm-based reference too)")
     results = {}
-    for label, model in variants:
+    for label, model in variants:  # one on the device at a time, so that each peak memory is its own
+        model.to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sec = seconds_per_step(model, device, imgs, args.steps, warmup=10 if args.compile else 3)
@@ -152,11 +153,12 @@ def bench_steps(args, cfg, device):
         mfu = f"{flops * img_s / peak:6.1%}" if peak else "   n/a"
         results[label] = img_s
         print(f"  {label:<30} {sec * 1e3:9.1f} ms/step {img_s:10.1f} img/s  mfu {mfu}  peak mem {mem}")
+        if args.profile and label == variants[0][0]:
+            profile_steps(model, device, imgs, sec, flops * args.batch_size, peak)
+        model.to("cpu")
     if len(results) == 2:
         first, second = results.values()
         print(f"  ratio ours / timm reference: {first / second:.2f}x")
-    if args.profile:
-        profile_steps(variants[0][1], device, imgs, args.batch_size / results[variants[0][0]], flops * args.batch_size, peak)
     return results
 
 

@@ -8,6 +8,7 @@ Features (cls token and mean of patch tokens after each block) are computed once
 CPU; then one head per layer and pooling is trained on them. The best block is picked on a validation sample
 of the train split (disjoint from the probe's) and reported on test. rank.py shares extract_features.
 """
+import contextlib
 import math
 import os
 import time
@@ -106,16 +107,24 @@ def make_loader(dataset, batch_size, device, workers=None):
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=None, name="features"):
+def precision(device, dtype):
+    if dtype is None:
+        return autocast(device)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=None, name="features", dtype=None):
     """Frozen-encoder features: {pooling: float32 CPU tensor [len(layers), N, d], "labels": [N]}.
 
     layers are 1-based blocks. on_tokens, if given, gets each batch's list (one per layer) of float32 token
-    tensors [b, 1+n, d], so a caller can reduce them without storing every token.
+    tensors [b, 1+n, d], so a caller can reduce them without storing every token. dtype: None runs the encoder
+    under the device's autocast (bf16 on CUDA, fp32 elsewhere), torch.float32 in full precision, another dtype
+    under autocast to it.
     """
     model.eval().to(device)
     parts, seen, start = {key: [] for key in (*pooling, "labels")}, 0, time.time()
     for i, (imgs, labels) in enumerate(loader):
-        with autocast(device):
+        with precision(device, dtype):
             blocks = model.features(imgs.to(device, non_blocking=True))
         tokens = [blocks[layer - 1].float() for layer in layers]
         for p in pooling:

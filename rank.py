@@ -5,7 +5,8 @@
 
 Per block: the rank of the N x d matrix of cls tokens over N images, the same for the mean of patch tokens, and
 the mean over images (--n-tokens of them, spread evenly over the sample) of the rank of each image's own [1+n, d]
-token matrix. Matrices are not centred (as RankMe).
+token matrix. Matrices are not centred (as RankMe). The encoder runs in fp32 on every device: bf16, probe.py's
+choice on CUDA, reads cls ranks up to 11% higher (results/rank_precision.py).
 Every checkpoint sees the same seeded sample of the test split, so N is the same for all.
 """
 import math
@@ -42,9 +43,11 @@ def effective_ranks(matrices):
     return torch.where(total[..., 0] > 0, (-torch.special.xlogy(p, p).sum(-1)).exp(), 0.0)  # xlogy: 0 log 0 = 0
 
 
-def rank_profile(model, loader, device, n_token_images):
+def rank_profile(model, loader, device, n_token_images, dtype=torch.float32):
     """One row per block: pooled-feature ranks over every image, token ranks averaged over n_token_images spread
-    evenly over the loader's (the first ones of a class-sorted folder would be a few classes)."""
+    evenly over the loader's (the first ones of a class-sorted folder would be a few classes). The encoder runs
+    in dtype: fp32 even on a GPU, since bf16's rounding of a cls token that barely varies between images adds
+    small singular values (results/rank_precision.py)."""
     n = len(loader.dataset)
     picked = set(range(n)) if n_token_images >= n else {j * n // n_token_images for j in range(n_token_images)}
     token_sum, seen = torch.zeros(model.config.depth, dtype=torch.float64), [0]
@@ -55,7 +58,8 @@ def rank_profile(model, loader, device, n_token_images):
         if rows:
             token_sum.add_(torch.stack([effective_ranks(t[rows]).sum() for t in tokens]))
 
-    feats = extract_features(model, loader, device, range(1, model.config.depth + 1), on_tokens=add_token_ranks)
+    feats = extract_features(model, loader, device, range(1, model.config.depth + 1), on_tokens=add_token_ranks,
+                             dtype=dtype)
     cls, mean, a = effective_ranks(feats["cls"]), effective_ranks(feats["mean"]), model.alphas
     rows = [{"layer": i + 1, "alpha_attn": a[2 * i], "alpha_mlp": a[2 * i + 1], "cls": cls[i].item(),
              "mean": mean[i].item(), "tokens": (token_sum[i] / len(picked)).item() if picked else None}  # --n-tokens 0

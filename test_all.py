@@ -1854,6 +1854,23 @@ def test_token_ranks_come_from_images_spread_over_the_sample():
     assert counted == 0 and rows[0]["tokens"] is None  # not measured: no number that reads like a rank of 0
 
 
+def test_ranks_are_measured_in_fp32_even_where_probes_use_autocast(monkeypatch):
+    """bf16 rounding of a nearly constant cls token adds small singular values (3-11% more rank on the default
+    checkpoint). rank.py must not take probe.py's autocast: with it swapped for CPU bf16, the ranks stay put."""
+    torch.manual_seed(0)
+    model = M.MAE(M.preset("vit_p4_32", depth=2)).eval()
+    with torch.no_grad():  # no zero-initialised branches: at init the cls token is the same for every image
+        for weight in (p for p in model.encoder.parameters() if p.dim() > 1):
+            weight.normal_(0, 0.05)
+    images = torch.utils.data.TensorDataset(torch.rand(24, 3, 32, 32), torch.zeros(24))
+    loader = torch.utils.data.DataLoader(images, 12)
+    fp32, _ = rank.rank_profile(model, loader, torch.device("cpu"), 4)
+    monkeypatch.setattr(probe, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16 = probe.extract_features(model, loader, torch.device("cpu"), [2], name="bf16")
+    assert rank.effective_ranks(bf16["cls"])[0].item() != pytest.approx(fp32[1]["cls"], rel=1e-3)  # autocast shows
+    assert rank.rank_profile(model, loader, torch.device("cpu"), 4)[0] == fp32
+
+
 def clusters(n_per_class, n_classes, dim, spread, seed):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(99)) * 3

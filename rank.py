@@ -5,8 +5,8 @@
 
 Per block: the rank of the N x d matrix of cls tokens over N images, the same for the mean of patch tokens, and
 the mean over images (--n-tokens of them, spread evenly over the sample) of the rank of each image's own [1+n, d]
-token matrix. Matrices are not centred (as RankMe). The encoder runs in fp32 on every device: bf16, probe.py's
-choice on CUDA, reads cls ranks up to 11% higher (results/rank_precision.py).
+token matrix. Matrices are not centred (as RankMe). The encoder runs in fp32 on every device (--precision): bf16,
+probe.py's choice on CUDA, reads cls ranks up to 11% higher (results/rank_precision.py).
 Every checkpoint sees the same seeded sample of the test split, so N is the same for all.
 """
 import math
@@ -18,7 +18,8 @@ import torch
 import data
 from common import (Parser, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread, pick_device,
                     pyplot, save_figure, save_json, writable)
-from probe import add_common_args, data_source, extract_features, get_split, load_model, make_loader, schedule_label
+from probe import (PRECISIONS, add_common_args, add_precision_arg, data_source, extract_features, get_split,
+                   load_model, make_loader, precision_name, schedule_label)
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "each image's tokens, mean over M"}
 
@@ -122,6 +123,7 @@ def build_parser():
     a("--n", type=non_negative_int, default=4096, help="seeded sample of the test split, 0 = all (default %(default)s)")
     a("--n-tokens", type=non_negative_int, default=512,
       help="of those, images (spread evenly) whose own token matrices are ranked (default %(default)s)")
+    add_precision_arg(parser, "fp32", "bf16 raises the cls ranks by up to 11%%, results/README.md")
     a("--out", type=json_file, help="JSON path (default: rank.json beside the checkpoint, rank_compare.json with "
       "--compare; rank_<name>.json and rank_compare_<name>.json for a checkpoint not called ckpt.pt)")
     return parser
@@ -140,7 +142,7 @@ def main(argv=None):
         images = get_split(name, "test", model.config.img_size, root, args.n, args.download)
         try:
             rows, n_tokens = rank_profile(model, make_loader(images, args.batch_size, device, args.workers), device,
-                                          args.n_tokens)
+                                          args.n_tokens, PRECISIONS[args.precision])
         except data.DataError as error:
             fail(str(error))
         results.append({"checkpoint": path, "label": schedule_label(model.config), "n_images": len(images),
@@ -149,9 +151,9 @@ def main(argv=None):
         print_table(result)
     if args.compare:
         print_comparison(results)
-    print(f"took {time.time() - start:.0f} s")
+    print(f"took {time.time() - start:.0f} s on {device}, {precision_name(device, args.precision)}")
     save_json(out, {
-        "data": name, "columns": COLUMNS, "sample": "seeded random sample of the test split (seed 0); tokens: n_token_images evenly spaced in it",
+        "data": name, "columns": COLUMNS, "precision": precision_name(device, args.precision), "sample": "seeded random sample of the test split (seed 0); tokens: n_token_images evenly spaced in it",
         "checkpoints": results, "seconds": round(time.time() - start, 1)})
     plot_ranks(results, os.path.splitext(out)[0] + ".png")
 

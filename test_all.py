@@ -1681,11 +1681,11 @@ FLAG_TABLE = {  # every flag of every script; a flag added to a parser without a
         "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--layers": TEXT,
         "--n-train": "count >= 0",
         "--n-val": "count >= 0", "--n-test": "count >= 0",
-        "--epochs": "count >= 1", "--lr": "real > 0", "--out": TEXT},
+        "--epochs": "count >= 1", "--lr": "real > 0", "--precision": TEXT, "--out": TEXT},
     "rank": {
         "checkpoint": TEXT, "--data": TEXT, "--data-root": TEXT, "--download": SWITCH, "--device": TEXT,
         "--batch-size": "count >= 1", "--workers": "workers", "--compare": TEXT, "--n": "count >= 0",
-        "--n-tokens": "count >= 0", "--out": TEXT},
+        "--n-tokens": "count >= 0", "--precision": TEXT, "--out": TEXT},
     "bench": {
         "--model": TEXT, "--img-size": "count >= 1", "--alpha-schedule": TEXT, "--alpha-min": "alpha (0, 1]",
         "--decay-as-lr": SWITCH, "--decoder-skips": SWITCH, "--mask-ratio": "fraction (0, 1)",
@@ -1869,6 +1869,10 @@ def test_ranks_are_measured_in_fp32_even_where_probes_use_autocast(monkeypatch):
     bf16 = probe.extract_features(model, loader, torch.device("cpu"), [2], name="bf16")
     assert rank.effective_ranks(bf16["cls"])[0].item() != pytest.approx(fp32[1]["cls"], rel=1e-3)  # autocast shows
     assert rank.rank_profile(model, loader, torch.device("cpu"), 4)[0] == fp32
+    # --precision bf16 asks for that autocast on any device, the CPU included
+    asked = probe.extract_features(model, loader, torch.device("cpu"), [2], dtype=probe.PRECISIONS["bf16"])
+    assert torch.equal(asked["cls"], bf16["cls"])
+    assert [probe.precision_name(torch.device("cpu"), p) for p in probe.PRECISIONS] == ["fp32", "fp32", "bf16"]
 
 
 def clusters(n_per_class, n_classes, dim, spread, seed):

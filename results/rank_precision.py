@@ -3,8 +3,8 @@ and under bf16 autocast (what probe.py and pretrain.py run on CUDA), on the same
 
     python results/rank_precision.py out_none/ckpt.pt out/ckpt.pt    # about 45 s per checkpoint on 2 CPU cores
 
-bf16 autocast works on the CPU too, so no GPU is needed. Writes results/rank_precision/<name>.json per checkpoint,
-with <name> its folder's name (--out to move it).
+bf16 autocast works on the CPU too, so no GPU is needed. Writes results/precision/rank_<name>.json per checkpoint,
+with <name> its folder's name (--out to move it). For the linear probe, probe.py's own --precision does it.
 """
 import argparse
 import os
@@ -51,13 +51,14 @@ def main():
                    help="test images, 0 = all (rank.py's default %(default)s)")
     p.add_argument("--n-tokens", type=non_negative_int, default=defaults.get_default("n_tokens"),
                    help="images whose token matrices are ranked (rank.py's default %(default)s)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_precision"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "precision"))
     args = p.parse_args()
     device = pick_device("auto")
     for path in args.checkpoints:
         result = compare(path, device, args.n, args.n_tokens, 256)
         print_table(result)
-        save_json(os.path.join(args.out, os.path.basename(os.path.dirname(os.path.abspath(path))) + ".json"), result)
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        save_json(os.path.join(args.out, f"rank_{folder}.json"), result)
 
 
 if __name__ == "__main__":

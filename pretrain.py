@@ -63,19 +63,28 @@ def optimizer_and_scaler(model, weight_decay, device):
 
 
 class CtrlC:
-    """Ctrl-C in a one-process run: the step under way finishes, is saved, and the run stops (exit 130); a second
-    Ctrl-C stops at once. Under torchrun the processes would first have to agree on a step: there it stops as usual."""
-    pressed = False
+    """Ctrl-C, or SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends), in a
+    one-process run: the step under way finishes, is saved, and the run stops (exit 130, or 143 after SIGTERM).
+    A second Ctrl-C stops at once; a second SIGTERM changes nothing (SIGKILL is what stops at once). Under torchrun
+    the processes would first have to agree on a step: there both stop the run as usual."""
+    pressed, by, exit_code = False, "Ctrl-C", 130
 
     @classmethod
     def press(cls, signum, frame):
+        # a second Ctrl-C raises KeyboardInterrupt; a SIGTERM from now on, even as Python shuts down, is ignored
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_IGN)
+        if cls.pressed:
+            return
         cls.pressed = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: saving after this step, then stopping (Ctrl-C again stops at once, unsaved)", flush=True)
+        if signum == signal.SIGTERM:
+            cls.by, cls.exit_code = "SIGTERM", 143
+        again = " (Ctrl-C again stops at once, unsaved)" if signum == signal.SIGINT else ""
+        print(f"\n{cls.by}: saving after this step, then stopping{again}", flush=True)
 
 
-def ignore_ctrl_c(worker_id):  # loader workers leave Ctrl-C to the main process, which finishes its step
+def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM to the main process, which saves
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -445,8 +454,8 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
 
     loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
     if CtrlC.pressed:  # during start-up: no step of this run to save, and the folder stays free for a new command
-        print("stopped by Ctrl-C before the first step; nothing was saved", file=sys.stderr)
-        sys.exit(130)
+        print(f"stopped by {CtrlC.by} before the first step; nothing was saved", file=sys.stderr)
+        sys.exit(CtrlC.exit_code)
     t_start = t_log = t_wall = time.time()  # img/s from t_log (training alone), the eta from t_wall (saves too)
     steps_at_log = first_step = step
     mean_loss = None
@@ -462,7 +471,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             order = epoch_order(len(items), args.seed, epoch, first, args.batch_size, args.accum_steps, rank, world)
             batches = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=args.batch_size // world,
                                                   num_workers=args.workers, pin_memory=cuda,  # this process's share
-                                                  worker_init_fn=ignore_ctrl_c)
+                                                  worker_init_fn=ignore_stop_signals)
         for i, (imgs, noise) in enumerate(batches):
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             last_micro = (i + 1) % args.accum_steps == 0
@@ -514,9 +523,9 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if log_now:  # the next interval starts after the saves and the figure: img/s counts training alone
                 t_log, steps_at_log = time.time(), step
             if stop and step < total:  # pressed during the last step: the run ends as usual
-                print(f"stopped by Ctrl-C after step {step}, saved to {ckpt_path}; the same command with --resume "
+                print(f"stopped by {CtrlC.by} after step {step}, saved to {ckpt_path}; the same command with --resume "
                       "goes on from there", file=sys.stderr)
-                sys.exit(130)
+                sys.exit(CtrlC.exit_code)
             if step >= total:
                 break
     if master:
@@ -611,6 +620,7 @@ def log_record(line):
 if __name__ == "__main__":
     if "RANK" not in os.environ:
         signal.signal(signal.SIGINT, CtrlC.press)
+        signal.signal(signal.SIGTERM, CtrlC.press)
     try:
         main()
     except KeyboardInterrupt:

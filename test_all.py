@@ -1117,6 +1117,28 @@ def test_ctrl_c_saves_the_step_under_way_and_resumes_to_identical_weights(tmp_pa
     resumes_to_the_whole_run(out, whole_run, stopped_at)
 
 
+def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_path):
+    """What `timeout` or a cluster's scheduler at its time limit sends: SIGTERM to the whole process group, loader
+    workers included, here twice. The step under way is saved and the run exits 143 with one line; the second
+    SIGTERM changes nothing (a worker that died of the first would have ended the run unsaved)."""
+    out = tmp_path / "run"
+    log = out / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *map(str, STOP_FLAGS), "--workers", "1", "--out-dir", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    for _ in range(2):
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 4 <= stopped_at < 16 and stdout.count("SIGTERM: saving after this step") == 1
+    assert stderr.strip().splitlines() == [f"stopped by SIGTERM after step {stopped_at}, saved to {out / 'ckpt.pt'}; "
+                                           "the same command with --resume goes on from there"]
+
+
 def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, monkeypatch, capsys):
     """A press that lands after a step decided not to save (here in its log line's host sync, as in a stalled
     `| less`) must not stop that step unsaved while saying it saved: the run goes on to the next step and saves it."""
@@ -2261,6 +2283,27 @@ def test_study_scripts_stop_a_run_past_its_time_with_ctrl_c_then_a_kill(tmp_path
     assert (tmp_path / "saved").exists()
     with pytest.raises(subprocess.CalledProcessError):  # a failure is still one
         study.sh("-c", "import sys; sys.exit(3)")
+
+
+def test_study_scripts_pass_a_sigterm_on_to_their_runs_and_stop_in_one_line(tmp_path):
+    """`kill <study pid>` signals the study alone: without passing it on, its runs would go on unwatched. The run
+    (a stub that saves on SIGTERM, as pretrain.py does) gets it, and the study exits 143 with one line."""
+    run_stub = tmp_path / "run.py"
+    run_stub.write_text("import pathlib, signal, sys, time\n"
+                        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(tmp_path / 'saved')!r}).touch(), sys.exit(143)))\n"
+                        f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+                        "time.sleep(60)\n")
+    study_like = (f"import sys; sys.path.insert(0, {os.path.join(HERE, 'results')!r}); import study\n"
+                  f"study.stop_in_one_line(lambda: study.sh({str(run_stub)!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", study_like], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "ready").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and (tmp_path / "saved").exists()
+    assert stderr.strip().splitlines() == ["stopped by SIGTERM; each pretraining run under way saved its step, and "
+                                           "the same command goes on from there"]
 
 
 def test_curve_probes_each_kept_checkpoint(tmp_path):

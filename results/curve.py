@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import arm_flags, machine, probe_summary, resume_flag, sh  # noqa: E402
+from study import arm_flags, machine, probe_summary, resume_flag, sh, stop_in_one_line, stopped  # noqa: E402
 
 from common import fail, pyplot, save_figure  # noqa: E402  (study put the repository root on the path)
 
@@ -55,7 +55,7 @@ def train(name, args, extra):
         print(f"{name}: pretraining stopped at --train-seconds {args.train_seconds} (its ckpt.pt saved at the step under "
               "way); measuring what it kept", flush=True)
     except subprocess.CalledProcessError as error:
-        print(f"failed: {name} (exit {error.returncode})", flush=True)
+        print(f"{'stopped' if stopped(error) else 'failed'}: {name} (exit {error.returncode})", flush=True)
 
 
 def measure(path, extra):
@@ -67,7 +67,7 @@ def measure(path, extra):
         if not os.path.exists(rank_out):
             sh("rank.py", path, "--out", rank_out, *extra["rank"])
     except subprocess.CalledProcessError as error:
-        print(f"failed: measuring {path} (exit {error.returncode})", flush=True)
+        print(f"{'stopped' if stopped(error) else 'failed'}: measuring {path} (exit {error.returncode})", flush=True)
 
 
 def train_and_measure(args, extra):
@@ -75,18 +75,23 @@ def train_and_measure(args, extra):
     with ThreadPoolExecutor(len(args.arms)) as trainers, ThreadPoolExecutor(4) as measurers:
         training = [trainers.submit(train, name, args, extra) for name in args.arms]
         seen, jobs = set(), []
-        while True:
-            done = all(job.done() for job in training)  # read before the glob, so the last kept file is seen
-            for name in args.arms:
-                for path in sorted(glob.glob(os.path.join(args.out, "runs", name, "ckpt_epoch*.pt"))):
-                    if path not in seen:
-                        seen.add(path)
-                        jobs.append(measurers.submit(measure, path, extra))
-            if done:
-                break
-            time.sleep(5)
-        for job in training + jobs:
-            job.result()
+        try:
+            while True:
+                done = all(job.done() for job in training)  # read before the glob, so the last kept file is seen
+                for name in args.arms:
+                    for path in sorted(glob.glob(os.path.join(args.out, "runs", name, "ckpt_epoch*.pt"))):
+                        if path not in seen:
+                            seen.add(path)
+                            jobs.append(measurers.submit(measure, path, extra))
+                if done:
+                    break
+                time.sleep(5)
+            for job in training + jobs:
+                job.result()
+        except BaseException:  # Ctrl-C or SIGTERM: what has not started never will; what runs was told to stop (study.pass_on_sigterm)
+            for job in jobs:
+                job.cancel()
+            raise
 
 
 def points(out):
@@ -173,4 +178,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    stop_in_one_line(main)

@@ -73,6 +73,40 @@ def machine():
     return f"{os.cpu_count()} CPU cores: {describe_machine('cpu')}"
 
 
+LIVE = set()  # the scripts sh() runs now, for pass_on_sigterm
+
+
+class Terminated(Exception):
+    """SIGTERM reached this script."""
+
+
+def pass_on_sigterm(signum, frame):
+    """Ctrl-C at a terminal reaches every run of the study; a SIGTERM may have reached this script alone (kill
+    <pid>), which would leave its runs going unwatched. So it is passed on: pretrain.py saves the step under way,
+    and a second SIGTERM, where the sender signalled every process too, changes nothing for it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for process in list(LIVE):
+        process.send_signal(signal.SIGTERM)
+    raise Terminated
+
+
+def stop_in_one_line(main):
+    """main(), stopped by Ctrl-C or SIGTERM with one line once the runs under way have stopped (exit 130 or 143)."""
+    signal.signal(signal.SIGTERM, pass_on_sigterm)
+    try:
+        main()
+    except (KeyboardInterrupt, Terminated) as stop:
+        by, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        print(f"stopped by {by}; each pretraining run under way saved its step, and the same command goes on from "
+              "there", file=sys.stderr)
+        sys.exit(code)
+
+
+def stopped(error):
+    """A run's exit by Ctrl-C or SIGTERM (its step saved), not a failure."""
+    return error.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM)
+
+
 def sh(*args, timeout=None, log=None, grace=20):
     """Run a script of the repository; raises CalledProcessError on failure. Past timeout it gets a Ctrl-C (SIGINT:
     pretrain.py saves the step under way and stops, so a run cut short loses nothing), then, grace seconds later,
@@ -81,6 +115,7 @@ def sh(*args, timeout=None, log=None, grace=20):
     with open(log or os.devnull, "w") as sink:
         process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=sink,
                                    stderr=sink if log else None, env={"OMP_NUM_THREADS": "1", **os.environ})
+        LIVE.add(process)
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -91,6 +126,7 @@ def sh(*args, timeout=None, log=None, grace=20):
             stop(process, grace)
             raise
         finally:
+            LIVE.discard(process)
             print(f"$ {' '.join(map(str, args))}   [{time.time() - start:.0f} s]", flush=True)
         if code:
             raise subprocess.CalledProcessError(code, args)
@@ -146,7 +182,8 @@ def run(arm, flags, blr, seed, args):
             sh("probe.py", ckpt, *args.probe_args.split(), log=os.path.join(out, "probe.log"))
             sh("rank.py", ckpt, *args.rank_args.split(), log=os.path.join(out, "rank.log"))
         except subprocess.CalledProcessError as error:  # one failed run leaves the others standing
-            print(f"failed: {out} (exit {error.returncode}); see its logs", flush=True)
+            print(f"{'stopped' if stopped(error) else 'failed'}: {out} (exit {error.returncode}); see its logs",
+                  flush=True)
             return None
     return dict(arm=arm, blr=blr, seed=seed, **read_run(out))
 
@@ -313,4 +350,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    stop_in_one_line(main)

@@ -201,8 +201,9 @@ def _checked_folder(data):
     return data
 
 
-def get_dataset(data, split, img_size, train_aug, download=False, root="./data"):
-    """Items are (float [3, img_size, img_size] normalised with MEAN_STD, int label)."""
+def get_dataset(data, split, img_size, train_aug, download=False, root="./data", stats=None):
+    """Items are (float [3, img_size, img_size] normalised with MEAN_STD[stats], int label). stats: the data set's
+    own by default, "imagenet" for an image folder; a probe of pretrained weights passes what they trained with."""
     if split not in ("pretrain", "train", "test"):
         raise DataError(f"unknown split {split!r}: use pretrain, train or test")
     if data == EMBEDDED:
@@ -222,8 +223,8 @@ def get_dataset(data, split, img_size, train_aug, download=False, root="./data")
     else:
         folder = os.path.join(_checked_folder(data), "val" if split == "test" else "train")
         try:
-            return SkippingImageFolder(folder, transform=_transform("imagenet", img_size, train_aug))
+            return SkippingImageFolder(folder, transform=_transform(stats or "imagenet", img_size, train_aug))
         except (FileNotFoundError, RuntimeError) as error:
             raise DataError(f"missing or empty data folder {folder!r} ({error})") from None
-    return TensorImages(images, labels, _transform(data, img_size, train_aug, NATIVE_SIZE[data]), classes)
+    return TensorImages(images, labels, _transform(stats or data, img_size, train_aug, NATIVE_SIZE[data]), classes)
 

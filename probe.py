@@ -85,10 +85,25 @@ def data_source(ckpt, args, path):
     return args.data or trained["data"], args.data_root or trained.get("data_root") or "./data"
 
 
-def get_split(name, split, img_size, root, n, download=False):
-    """A fixed seeded sample of n images (the whole split when n is 0), the same for every checkpoint."""
+def input_stats(ckpt):
+    """The MEAN_STD key the checkpoint's pretraining normalised its images with, so that a probe on other data
+    feeds the encoder what it learned from: its data set's own, "imagenet" for an image folder and for public
+    weights (MAE's, timm's)."""
+    trained = trained_args(ckpt).get("data")
+    return trained if trained in data.MEAN_STD else "imagenet"
+
+
+def stats_note(name, stats):
+    """A note where the images are normalised other than their own data set's way, else ""."""
+    own = name if name in data.MEAN_STD else "imagenet"
+    return "" if stats == own else f"; images normalised with the {stats} mean and std, as in the checkpoint's pretraining"
+
+
+def get_split(name, split, img_size, root, n, download=False, stats=None):
+    """A fixed seeded sample of n images (the whole split when n is 0), the same for every checkpoint; stats as
+    data.get_dataset's."""
     try:
-        dataset = data.get_dataset(name, split, img_size, train_aug=False, download=download, root=root)
+        dataset = data.get_dataset(name, split, img_size, train_aug=False, download=download, root=root, stats=stats)
     except data.DataError as error:
         fail(str(error))
     readable(dataset)
@@ -319,10 +334,10 @@ def build_parser():
     return parser
 
 
-def probe_splits(name, img_size, root, args):
+def probe_splits(name, img_size, root, args, stats=None):
     """Seeded samples (seed 0), the same for every checkpoint: train for the probes, val (disjoint from it, also
     from the train split) to pick a block, test to report. n_train 0 takes all but the validation images."""
-    train = get_split(name, "train", img_size, root, 0, args.download)
+    train = get_split(name, "train", img_size, root, 0, args.download, stats)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     n_val = min(args.n_val, len(order) // 2)
     n_train = min(args.n_train or len(order), len(order) - n_val)
@@ -330,7 +345,7 @@ def probe_splits(name, img_size, root, args):
         fail(f"{name}: the linear probe needs at least 2 train images; the sample holds {n_train} "
              f"(--n-train {args.n_train}, {len(order)} train images, {n_val} of them for validation)")
     splits = {"train": readable(data.Sample(train, sorted(order[:n_train]))),
-              "test": get_split(name, "test", img_size, root, args.n_test, args.download)}
+              "test": get_split(name, "test", img_size, root, args.n_test, args.download, stats)}
     if n_val:
         splits["val"] = readable(data.Sample(train, sorted(order[len(order) - n_val:])))
     return splits
@@ -357,7 +372,8 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     start = time.time()
     cfg, device = model.config, pick_device(args.device)
     layers, (name, root) = parse_layers(args.layers, cfg.depth), data_source(ckpt, args, path)
-    splits = probe_splits(name, cfg.img_size, root, args)
+    stats = input_stats(ckpt)
+    splits = probe_splits(name, cfg.img_size, root, args, stats)
     recipe = probe_recipe(args)
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
     done = epochs_done(ckpt)
@@ -366,7 +382,7 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}{trained}; {name}: "
           + " / ".join(f"{len(split)} {s}{where.get(s, '')}" for s, split in splits.items())
           + f" images (seeded samples, seed 0); {device}, {precision_name(device, args.precision)}; "
-            f"feature cache {megabytes:.0f} MB")
+            f"feature cache {megabytes:.0f} MB" + stats_note(name, stats))
     seconds = {"setup": time.time() - start}
     try:
         feats = {s: extract_features(model, make_loader(split, args.batch_size, device, args.workers), device, layers,
@@ -386,7 +402,7 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
               **{f"n_{s}": len(split) for s, split in splits.items()},
               "sample": "seeded random samples (seed 0); val is drawn from the train split, disjoint from train",
               "config": asdict(cfg), "alphas": model.alphas, "epochs_done": done, "step": ckpt.get("step"),
-              "precision": precision_name(device, args.precision),
+              "precision": precision_name(device, args.precision), "normalised_with": stats,
               "headline": head | {"why": HEADLINE_WHY}, "probe_recipe": recipe, "knn": KNN, "layers": rows,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     if out:

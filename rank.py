@@ -19,7 +19,7 @@ import data
 from common import (Parser, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread, pick_device,
                     pyplot, save_figure, save_json, writable)
 from probe import (PRECISIONS, add_common_args, add_precision_arg, data_source, extract_features, get_split,
-                   load_model, make_loader, precision_name, schedule_label)
+                   input_stats, load_model, make_loader, precision_name, schedule_label, stats_note)
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "each image's tokens, mean over M"}
 
@@ -137,16 +137,16 @@ def main(argv=None):
     note_if_replacing(out, [path for path, _, _ in models])
     name, root = data_source(models[0][2], args, args.checkpoint)
     results = []
-    for path, model, _ in models:
-        print(describe(path, model))
-        images = get_split(name, "test", model.config.img_size, root, args.n, args.download)
+    for path, model, ckpt in models:
+        print(describe(path, model) + stats_note(name, input_stats(ckpt)))
+        images = get_split(name, "test", model.config.img_size, root, args.n, args.download, input_stats(ckpt))
         try:
             rows, n_tokens = rank_profile(model, make_loader(images, args.batch_size, device, args.workers), device,
                                           args.n_tokens, PRECISIONS[args.precision])
         except data.DataError as error:
             fail(str(error))
-        results.append({"checkpoint": path, "label": schedule_label(model.config), "n_images": len(images),
-                        "n_token_images": n_tokens, "alphas": model.alphas, "layers": rows})
+        results.append({"checkpoint": path, "label": schedule_label(model.config), "normalised_with": input_stats(ckpt),
+                        "n_images": len(images), "n_token_images": n_tokens, "alphas": model.alphas, "layers": rows})
     for result in results:
         print_table(result)
     if args.compare:

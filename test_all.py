@@ -575,6 +575,22 @@ def write_png_folder(root, n_per_class=6, size=40, corrupt=0):
     return root
 
 
+def test_probes_normalise_images_as_the_checkpoint_was_pretrained(tmp_path):
+    """A glyphs checkpoint probed on an image folder (or public ImageNet weights on CIFAR) must see its inputs
+    normalised as in pretraining, not with the probe data's own statistics: here a grey 100/255 image, by hand."""
+    from PIL import Image
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        os.makedirs(root / split / "a")
+        Image.new("RGB", (32, 32), (100, 100, 100)).save(root / split / "a" / "0.png")
+    assert probe.input_stats({"args": {"data": "glyphs"}}) == "glyphs"
+    assert probe.input_stats({"args": {"data": str(root)}}) == "imagenet"  # pretrain.py's folder statistics
+    assert probe.input_stats({"model": {}}) == probe.input_stats({"args": argparse.Namespace(data="x")}) == "imagenet"
+    for stats, (mean, std) in (("glyphs", (0.2030, 0.2546)), (None, (0.485, 0.229))):  # None: the folder's default
+        image = probe.get_split(str(root), "test", 32, None, 0, stats=stats)[0][0]
+        assert image[0].flatten().tolist() == pytest.approx([(100 / 255 - mean) / std] * 32 * 32, abs=1e-5), stats
+
+
 def test_image_folder_skips_an_image_over_the_decompression_bomb_limit(tmp_path, monkeypatch):
     """Pillow refuses an image of more than twice MAX_IMAGE_PIXELS with DecompressionBombError, which is not an
     OSError: the folder must serve the next image, as for a broken file, not stop the run."""
@@ -2064,8 +2080,8 @@ def test_probe_compare_reads_every_checkpoint_on_the_first_ones_data(finished_ru
         paths.append(tmp_path / f"{name}.pt")
     seen = []
     real = probe.probe_splits
-    with mock.patch.object(probe, "probe_splits", lambda name, size, root, args: seen.append((name, root)) or
-                           real(name, size, root, args)), contextlib.redirect_stdout(io.StringIO()):
+    with mock.patch.object(probe, "probe_splits", lambda name, size, root, args, stats: seen.append((name, root)) or
+                           real(name, size, root, args, stats)), contextlib.redirect_stdout(io.StringIO()):
         probe.main([str(paths[0]), "--compare", str(paths[1]), "--n-train", "100", "--n-val", "50", "--n-test", "50",
                     "--epochs", "1", "--layers", "12", "--out", str(tmp_path / "both.json")])
     assert seen == [(ckpt["args"]["data"], "/root/of/first")] * 2

@@ -23,7 +23,7 @@ COLUMNS = ("cls", "mean", "tokens")
 def compare(path, device, n, n_tokens, batch_size):
     model, ckpt = probe.load_model(path)
     name, root = probe.data_source(ckpt, argparse.Namespace(data=None, data_root=None), path)
-    images = probe.get_split(name, "test", model.config.img_size, root, n)
+    images = probe.get_split(name, "test", model.config.img_size, root, n, stats=probe.input_stats(ckpt))
     loader = probe.make_loader(images, batch_size, device, workers=0)
     fp32, _ = rank.rank_profile(model, loader, device, n_tokens)
     bf16, _ = rank.rank_profile(model, loader, device, n_tokens, dtype=torch.bfloat16)

@@ -55,7 +55,8 @@ def main():
     model.eval()
     name, root = probe.data_source(ckpt, argparse.Namespace(data=None, data_root=None), path)
     cfg = model.config
-    train, test = (tokens_and_pixels(model, probe.get_split(name, split, cfg.img_size, root, n))
+    stats = probe.input_stats(ckpt)
+    train, test = (tokens_and_pixels(model, probe.get_split(name, split, cfg.img_size, root, n, stats=stats))
                    for split, n in (("train", 3000), ("test", 1500)))
     print(f"{path} on {name}: L-BFGS logistic regression, train / test accuracy %")
     fit = lambda x_train, x_test: " / ".join(f"{a:.1f}" for a in logistic_regression(x_train, train[1], x_test, test[1]))

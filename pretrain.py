@@ -18,6 +18,10 @@ import signal
 import sys
 import time
 
+if __name__ == "__mp_main__":  # a loader worker started by spawn (macOS, Windows) imports this file first: from here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on, Ctrl-C and SIGTERM are the main process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 try:
     import fcntl
 except ImportError:  # Windows: runs go unlocked
@@ -73,7 +77,8 @@ class CtrlC:
     def press(cls, signum, frame):
         # a second Ctrl-C raises KeyboardInterrupt; a SIGTERM from now on, even as Python shuts down, is ignored
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_IGN)
-        if cls.pressed:
+        if cls.pressed:  # a Ctrl-C after a SIGTERM
+            print("\nCtrl-C: already saving after this step (Ctrl-C again stops at once, unsaved)", flush=True)
             return
         cls.pressed = True
         if signum == signal.SIGTERM:
@@ -85,6 +90,20 @@ class CtrlC:
 def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM to the main process, which saves
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def iter_holding_signals(loader):
+    """iter(loader), with Ctrl-C and SIGTERM held back while its workers start by fork (Linux): one sent to the
+    whole process group then would reach a worker before ignore_stop_signals ran. Forked workers inherit the
+    block; the main process gets the signal after it. (Spawned ones start unblocked: this file's first lines make
+    them ignore both, which leaves them exposed only while Python starts.)"""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -472,7 +491,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             batches = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=args.batch_size // world,
                                                   num_workers=args.workers, pin_memory=cuda,  # this process's share
                                                   worker_init_fn=ignore_stop_signals)
-        for i, (imgs, noise) in enumerate(batches):
+        for i, (imgs, noise) in enumerate(iter_holding_signals(batches)):
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             last_micro = (i + 1) % args.accum_steps == 0
             no_sync = contextlib.nullcontext if last_micro or world == 1 else runner.no_sync  # a fresh one per use

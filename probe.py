@@ -128,7 +128,6 @@ def make_loader(dataset, batch_size, device, workers=None):
     return torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
 
 
-@torch.no_grad()
 def precision(device, dtype):
     if dtype is None:
         return autocast(device)
@@ -144,6 +143,7 @@ def precision_name(device, choice):
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+@torch.no_grad()
 def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=None, name="features", dtype=None):
     """Frozen-encoder features: {pooling: float32 CPU tensor [len(layers), N, d], "labels": [N]}.
 

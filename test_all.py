@@ -2303,23 +2303,35 @@ def test_study_scripts_stop_a_run_past_its_time_with_ctrl_c_then_a_kill(tmp_path
 
 def test_study_scripts_pass_a_sigterm_on_to_their_runs_and_stop_in_one_line(tmp_path):
     """`kill <study pid>` signals the study alone: without passing it on, its runs would go on unwatched. The run
-    (a stub that saves on SIGTERM, as pretrain.py does) gets it, and the study exits 143 with one line."""
-    run_stub = tmp_path / "run.py"
+    (a stub that saves on SIGTERM, then exits 0 as pretrain.py does when the signal lands in its last step) gets
+    it; the script the pool thread would start next (probe.py after pretraining) never starts; and the study exits
+    143 with one line."""
+    run_stub, next_stub = tmp_path / "run.py", tmp_path / "next.py"
     run_stub.write_text("import pathlib, signal, sys, time\n"
-                        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(tmp_path / 'saved')!r}).touch(), sys.exit(143)))\n"
+                        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(tmp_path / 'saved')!r}).touch(), sys.exit(0)))\n"
                         f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
                         "time.sleep(60)\n")
-    study_like = (f"import sys; sys.path.insert(0, {os.path.join(HERE, 'results')!r}); import study\n"
-                  f"study.stop_in_one_line(lambda: study.sh({str(run_stub)!r}))\n")
+    next_stub.write_text(f"import pathlib; pathlib.Path({str(tmp_path / 'next-ran')!r}).touch()\n")
+    study_like = (f"import subprocess, sys; sys.path.insert(0, {os.path.join(HERE, 'results')!r}); import study\n"
+                  "from concurrent.futures import ThreadPoolExecutor\n"
+                  "def run(_):\n"
+                  "    try:\n"
+                  f"        study.sh({str(run_stub)!r}); study.sh({str(next_stub)!r})\n"
+                  "    except subprocess.CalledProcessError as error:\n"
+                  "        assert study.stopped(error)\n"
+                  "def main():\n"
+                  "    with ThreadPoolExecutor(1) as pool:\n"
+                  "        list(pool.map(run, [0]))\n"
+                  "study.stop_in_one_line(main)\n")
     proc = subprocess.Popen([sys.executable, "-c", study_like], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (tmp_path / "ready").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and (tmp_path / "saved").exists()
-    assert stderr.strip().splitlines() == ["stopped by SIGTERM; each pretraining run under way saved its step, and "
-                                           "the same command goes on from there"]
+    assert proc.returncode == 143 and (tmp_path / "saved").exists() and not (tmp_path / "next-ran").exists()
+    assert stderr.strip().splitlines() == ["stopped by SIGTERM; the runs under way were told to save their step (their "
+                                           "logs say where they stopped), and the same command goes on from there"]
 
 
 def test_curve_probes_each_kept_checkpoint(tmp_path):

@@ -59,12 +59,13 @@ def train(name, args, extra):
 
 
 def measure(path, extra):
-    """probe.py and rank.py on one kept checkpoint, each skipped if its JSON exists."""
+    """probe.py and rank.py on one kept checkpoint, each skipped if its JSON exists (a rank JSON of before stop 34,
+    measured in bf16 on CUDA, is redone in fp32)."""
     probe_out, rank_out = (path.replace("ckpt_epoch", f"{kind}_e").replace(".pt", ".json") for kind in ("probe", "rank"))
     try:
         if not os.path.exists(probe_out):
             sh("probe.py", path, "--out", probe_out, *extra["probe"])
-        if not os.path.exists(rank_out):
+        if not os.path.exists(rank_out) or "precision" not in json.load(open(rank_out)):
             sh("rank.py", path, "--out", rank_out, *extra["rank"])
     except subprocess.CalledProcessError as error:
         print(f"{'stopped' if stopped(error) else 'failed'}: measuring {path} (exit {error.returncode})", flush=True)
@@ -88,7 +89,7 @@ def train_and_measure(args, extra):
                 time.sleep(5)
             for job in training + jobs:
                 job.result()
-        except BaseException:  # Ctrl-C or SIGTERM: what has not started never will; what runs was told to stop (study.pass_on_sigterm)
+        except BaseException:  # Ctrl-C or SIGTERM: what has not started never will
             for job in jobs:
                 job.cancel()
             raise

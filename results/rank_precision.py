@@ -4,7 +4,8 @@ and under bf16 autocast (what probe.py and pretrain.py run on CUDA), on the same
     python results/rank_precision.py out_none/ckpt.pt out/ckpt.pt    # about 45 s per checkpoint on 2 CPU cores
 
 bf16 autocast works on the CPU too, so no GPU is needed. Writes results/precision/rank_<name>.json per checkpoint,
-with <name> its folder's name (--out to move it). For the linear probe, probe.py's own --precision does it.
+with <name> its folder's name, and its file's stem where that is not ckpt (--out to move it). For the linear
+probe, probe.py's own --precision does it.
 """
 import argparse
 import os
@@ -33,6 +34,14 @@ def compare(path, device, n, n_tokens, batch_size):
             "n_token_images": n_tokens, "device": str(device), "layers": rows}
 
 
+def name_of(path):
+    """The checkpoint's folder, and its file's stem where that is not ckpt: out_none/ckpt.pt -> out_none,
+    runs/none/ckpt_epoch010.pt -> none_ckpt_epoch010."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return folder if stem == "ckpt" else f"{folder}_{stem}"
+
+
 def print_table(result):
     print(f"{result['checkpoint']} ({result['label']}), {result['n_images']} test images on {result['device']}: "
           "effective rank in fp32 -> under bf16 autocast")
@@ -57,8 +66,7 @@ def main():
     for path in args.checkpoints:
         result = compare(path, device, args.n, args.n_tokens, 256)
         print_table(result)
-        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        save_json(os.path.join(args.out, f"rank_{folder}.json"), result)
+        save_json(os.path.join(args.out, f"rank_{name_of(path)}.json"), result)
 
 
 if __name__ == "__main__":

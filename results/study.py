@@ -74,6 +74,7 @@ def machine():
 
 
 LIVE = set()  # the scripts sh() runs now, for pass_on_sigterm
+STOPPING = []  # non-empty once Ctrl-C or SIGTERM came: sh() starts nothing more
 
 
 class Terminated(Exception):
@@ -84,26 +85,33 @@ def pass_on_sigterm(signum, frame):
     """Ctrl-C at a terminal reaches every run of the study; a SIGTERM may have reached this script alone (kill
     <pid>), which would leave its runs going unwatched. So it is passed on: pretrain.py saves the step under way,
     and a second SIGTERM, where the sender signalled every process too, changes nothing for it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # not SIG_IGN, which the runs started later would inherit
+    STOPPING.append(signal.SIGTERM)
     for process in list(LIVE):
         process.send_signal(signal.SIGTERM)
     raise Terminated
 
 
+def on_ctrl_c(signum, frame):
+    STOPPING.append(signal.SIGINT)
+    raise KeyboardInterrupt
+
+
 def stop_in_one_line(main):
     """main(), stopped by Ctrl-C or SIGTERM with one line once the runs under way have stopped (exit 130 or 143)."""
     signal.signal(signal.SIGTERM, pass_on_sigterm)
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         main()
     except (KeyboardInterrupt, Terminated) as stop:
         by, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
-        print(f"stopped by {by}; each pretraining run under way saved its step, and the same command goes on from "
-              "there", file=sys.stderr)
+        print(f"stopped by {by}; the runs under way were told to save their step (their logs say where they stopped), "
+              "and the same command goes on from there", file=sys.stderr)
         sys.exit(code)
 
 
 def stopped(error):
-    """A run's exit by Ctrl-C or SIGTERM (its step saved), not a failure."""
+    """A run's exit by Ctrl-C or SIGTERM, not a failure."""
     return error.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM)
 
 
@@ -111,11 +119,15 @@ def sh(*args, timeout=None, log=None, grace=20):
     """Run a script of the repository; raises CalledProcessError on failure. Past timeout it gets a Ctrl-C (SIGINT:
     pretrain.py saves the step under way and stops, so a run cut short loses nothing), then, grace seconds later,
     a kill; and TimeoutExpired is raised."""
+    if STOPPING:  # a thread of the pool that comes here after Ctrl-C or SIGTERM
+        raise subprocess.CalledProcessError(130, args)
     start = time.time()
     with open(log or os.devnull, "w") as sink:
         process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=sink,
                                    stderr=sink if log else None, env={"OMP_NUM_THREADS": "1", **os.environ})
         LIVE.add(process)
+        if STOPPING:  # it came while this one started
+            process.send_signal(signal.SIGTERM)
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -67,24 +67,38 @@ def optimizer_and_scaler(model, weight_decay, device):
 
 
 class CtrlC:
-    """Ctrl-C, or SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends), in a
-    one-process run: the step under way finishes, is saved, and the run stops (exit 130, or 143 after SIGTERM).
-    A second Ctrl-C stops at once; a second SIGTERM changes nothing (SIGKILL is what stops at once). Under torchrun
-    the processes would first have to agree on a step: there both stop the run as usual."""
+    """Ctrl-C, or SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends): the step under
+    way finishes, is saved, and the run stops (exit 130, or 143 after SIGTERM). Under torchrun the processes agree
+    on the step at the next log line (any_process), the loop's only host syncs. A second Ctrl-C stops at once; a
+    second SIGTERM changes nothing (SIGKILL is what stops at once)."""
     pressed, by, exit_code = False, "Ctrl-C", 130
 
     @classmethod
     def press(cls, signum, frame):
-        # a second Ctrl-C raises KeyboardInterrupt; a SIGTERM from now on, even as Python shuts down, is ignored
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_IGN)
-        if cls.pressed:  # a Ctrl-C after a SIGTERM
-            print("\nCtrl-C: already saving after this step (Ctrl-C again stops at once, unsaved)", flush=True)
+        # A second Ctrl-C raises KeyboardInterrupt, but not under torchrun, which passes the terminal's Ctrl-C on
+        # to processes that had it already. A SIGTERM from now on, even as Python shuts down, is ignored.
+        again_stops = signum == signal.SIGINT and "RANK" not in os.environ
+        signal.signal(signum, signal.default_int_handler if again_stops else signal.SIG_IGN)
+        says = os.environ.get("RANK", "0") == "0"
+        again = " (Ctrl-C again stops at once, unsaved)" if again_stops else ""
+        if cls.pressed:
+            if signum == signal.SIGINT and says:  # after a SIGTERM
+                print(f"\nCtrl-C: already saving after this step{again}", flush=True)
             return
         cls.pressed = True
         if signum == signal.SIGTERM:
             cls.by, cls.exit_code = "SIGTERM", 143
-        again = " (Ctrl-C again stops at once, unsaved)" if signum == signal.SIGINT else ""
-        print(f"\n{cls.by}: saving after this step, then stopping{again}", flush=True)
+        if says:
+            print(f"\n{cls.by}: saving after this step, then stopping{again}", flush=True)
+
+
+def any_process(flag, device, world):
+    """flag, or under torchrun: whether any process has it (a collective: every process must call it)."""
+    if world == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM to the main process, which saves
@@ -472,8 +486,9 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                  else ""), flush=True)
 
     loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
-    if CtrlC.pressed:  # during start-up: no step of this run to save, and the folder stays free for a new command
-        print(f"stopped by {CtrlC.by} before the first step; nothing was saved", file=sys.stderr)
+    if any_process(CtrlC.pressed, device, world):  # during start-up: no step to save, and the folder stays free
+        if master:
+            print(f"stopped by {CtrlC.by} before the first step; nothing was saved", file=sys.stderr)
         sys.exit(CtrlC.exit_code)
     t_start = t_log = t_wall = time.time()  # img/s from t_log (training alone), the eta from t_wall (saves too)
     steps_at_log = first_step = step
@@ -510,10 +525,14 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
             every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
+            due = step == total or every  # alike on every process
+            log_due = step % args.log_every == 0 or end_of_epoch or due
             stop = CtrlC.pressed  # read once: a press after this line stops the run at the next step, saved
-            save_now = step == total or every or stop  # alike on every rank (Ctrl-C: one process only)
+            if world > 1:  # one process's signal stops them all, at a step they agree on
+                stop = log_due and any_process(stop, device, world)
+            save_now = due or stop
             keep_now = step % steps_per_epoch == 0 and args.keep_every and (epoch + 1) % args.keep_every == 0  # whole epochs
-            log_now = step % args.log_every == 0 or end_of_epoch or save_now  # a resume's log line starts at a save too
+            log_now = log_due or save_now  # a resume's log line starts at a save too
             if log_now:  # the only host syncs of the loop; before a save the weights are checked too
                 stop_if_not_finite(bad_step, lr, ckpt_path, master, world, (model, step) if save_now or keep_now else None)
             if log_now:
@@ -542,8 +561,11 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if log_now:  # the next interval starts after the saves and the figure: img/s counts training alone
                 t_log, steps_at_log = time.time(), step
             if stop and step < total:  # pressed during the last step: the run ends as usual
-                print(f"stopped by {CtrlC.by} after step {step}, saved to {ckpt_path}; the same command with --resume "
-                      "goes on from there", file=sys.stderr)
+                if world > 1:
+                    dist.barrier()  # the others wait for the master's save
+                if master:
+                    print(f"stopped by {CtrlC.by} after step {step}, saved to {ckpt_path}; the same command with "
+                          "--resume goes on from there", file=sys.stderr)
                 sys.exit(CtrlC.exit_code)
             if step >= total:
                 break
@@ -637,9 +659,8 @@ def log_record(line):
 
 
 if __name__ == "__main__":
-    if "RANK" not in os.environ:
-        signal.signal(signal.SIGINT, CtrlC.press)
-        signal.signal(signal.SIGTERM, CtrlC.press)
+    signal.signal(signal.SIGINT, CtrlC.press)
+    signal.signal(signal.SIGTERM, CtrlC.press)
     try:
         main()
     except KeyboardInterrupt:

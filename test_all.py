@@ -1155,6 +1155,28 @@ def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_pat
                                            "the same command with --resume goes on from there"]
 
 
+@pytest.mark.parametrize("how,port", [(signal.SIGINT, 29541), (signal.SIGTERM, 29542)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_path, how, port):
+    """Ctrl-C at a terminal, or a scheduler's SIGTERM, reaches torchrun and both processes, and torchrun passes it
+    on once more. The processes must agree on one step, save it once and stop; the repeat must not stop them
+    unsaved (under torchrun a second Ctrl-C is ignored, as a second SIGTERM always is)."""
+    out = tmp_path / "run"
+    log = out / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "pretrain.py", *map(str, STOP_FLAGS), "--out-dir", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    os.killpg(proc.pid, how)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    by = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[how]
+    assert 4 <= stopped_at < 16 and f"stopped by {by} after step {stopped_at}, saved" in stderr, stderr[-3000:]
+    assert stderr.count("stopped by") == 1 and "second Ctrl-C" not in stderr and stdout.count(f"{by}: saving") == 1
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, stopped_at + 1))
+
+
 def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, monkeypatch, capsys):
     """A press that lands after a step decided not to save (here in its log line's host sync, as in a stalled
     `| less`) must not stop that step unsaved while saying it saved: the run goes on to the next step and saves it."""

@@ -69,7 +69,7 @@ def optimizer_and_scaler(model, weight_decay, device):
 class CtrlC:
     """Ctrl-C, or SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends): the step under
     way finishes, is saved, and the run stops (exit 130, or 143 after SIGTERM). Under torchrun the processes agree
-    on the step at the next log line (any_process), the loop's only host syncs. A second Ctrl-C stops at once; a
+    on the step at the next log line (stop_agreed), the loop's only host syncs. A second Ctrl-C stops at once; a
     second SIGTERM changes nothing (SIGKILL is what stops at once)."""
     pressed, by, exit_code = False, "Ctrl-C", 130
 
@@ -92,13 +92,22 @@ class CtrlC:
             print(f"\n{cls.by}: saving after this step, then stopping{again}", flush=True)
 
 
-def any_process(flag, device, world):
-    """flag, or under torchrun: whether any process has it (a collective: every process must call it)."""
+def catch_stop_signals():
+    signal.signal(signal.SIGINT, CtrlC.press)
+    signal.signal(signal.SIGTERM, CtrlC.press)
+
+
+def stop_agreed(device, world):
+    """Whether to stop now: CtrlC.pressed, or under torchrun whether any process got a signal (a collective: every
+    process must call it); then every process takes the strongest signal's name and exit code, SIGTERM's first."""
     if world == 1:
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return CtrlC.pressed
+    code = torch.tensor(float(CtrlC.exit_code if CtrlC.pressed else 0), device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    if code.item():
+        CtrlC.pressed, CtrlC.exit_code = True, int(code.item())
+        CtrlC.by = "SIGTERM" if CtrlC.exit_code == 143 else "Ctrl-C"
+    return CtrlC.pressed
 
 
 def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM to the main process, which saves
@@ -329,6 +338,7 @@ def setup_distributed(device):
         return 0, 1, device
     backend = "nccl" if device.type == "cuda" else "gloo"  # --device cpu stays on the CPU on a GPU machine
     dist.init_process_group(backend)
+    catch_stop_signals()  # not before: a process waiting for the others (torchrun's SIGTERM after a failure) dies
     local = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
         torch.cuda.set_device(local)
@@ -486,7 +496,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                  else ""), flush=True)
 
     loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
-    if any_process(CtrlC.pressed, device, world):  # during start-up: no step to save, and the folder stays free
+    if stop_agreed(device, world):  # during start-up: no step to save, and the folder stays free
         if master:
             print(f"stopped by {CtrlC.by} before the first step; nothing was saved", file=sys.stderr)
         sys.exit(CtrlC.exit_code)
@@ -529,7 +539,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             log_due = step % args.log_every == 0 or end_of_epoch or due
             stop = CtrlC.pressed  # read once: a press after this line stops the run at the next step, saved
             if world > 1:  # one process's signal stops them all, at a step they agree on
-                stop = log_due and any_process(stop, device, world)
+                stop = log_due and stop_agreed(device, world)
             save_now = due or stop
             keep_now = step % steps_per_epoch == 0 and args.keep_every and (epoch + 1) % args.keep_every == 0  # whole epochs
             log_now = log_due or save_now  # a resume's log line starts at a save too
@@ -659,8 +669,8 @@ def log_record(line):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, CtrlC.press)
-    signal.signal(signal.SIGTERM, CtrlC.press)
+    if "RANK" not in os.environ:  # under torchrun: once the processes have met (setup_distributed)
+        catch_stop_signals()
     try:
         main()
     except KeyboardInterrupt:

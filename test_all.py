@@ -1155,11 +1155,25 @@ def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_pat
                                            "the same command with --resume goes on from there"]
 
 
-@pytest.mark.parametrize("how,port", [(signal.SIGINT, 29541), (signal.SIGTERM, 29542)], ids=["ctrl-c", "sigterm"])
-def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_path, how, port):
+def torchrun_worker(parent, rank):
+    """The pid of torchrun's worker process of that rank, read from /proc (Linux)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status, environ = open(f"/proc/{pid}/status").read(), open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:
+            continue
+        if f"PPid:\t{parent}\n" in status and f"RANK={rank}".encode() in environ.split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+@pytest.mark.parametrize("how,port,one", [(signal.SIGINT, 29541, False), (signal.SIGTERM, 29542, False),
+                                          (signal.SIGTERM, 29543, True)], ids=["ctrl-c", "sigterm", "sigterm-rank-1"])
+def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_path, how, port, one):
     """Ctrl-C at a terminal, or a scheduler's SIGTERM, reaches torchrun and both processes, and torchrun passes it
     on once more. The processes must agree on one step, save it once and stop; the repeat must not stop them
-    unsaved (under torchrun a second Ctrl-C is ignored, as a second SIGTERM always is)."""
+    unsaved (under torchrun a second Ctrl-C is ignored, as a second SIGTERM always is). A SIGTERM to rank 1 alone
+    stops both too, and rank 0, which speaks, names it and exits as it would have (143)."""
     out = tmp_path / "run"
     log = out / "log.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -1168,12 +1182,15 @@ def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_pa
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 4):
         time.sleep(0.05)
-    os.killpg(proc.pid, how)
+    os.kill(torchrun_worker(proc.pid, 1), how) if one else os.killpg(proc.pid, how)
     stdout, stderr = proc.communicate(timeout=120)
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     by = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[how]
     assert 4 <= stopped_at < 16 and f"stopped by {by} after step {stopped_at}, saved" in stderr, stderr[-3000:]
-    assert stderr.count("stopped by") == 1 and "second Ctrl-C" not in stderr and stdout.count(f"{by}: saving") == 1
+    assert stderr.count("stopped by") == 1 and "second Ctrl-C" not in stderr
+    assert stdout.count(f"{by}: saving") == (0 if one else 1)  # rank 0 says it when it had the signal itself
+    if one:
+        assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # both processes
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, stopped_at + 1))
 
 

@@ -201,6 +201,11 @@ def _checked_folder(data):
     return data
 
 
+def own_stats(data):
+    """The MEAN_STD key a data set is normalised with: its own, "imagenet" for an image folder (or None)."""
+    return data if data in MEAN_STD else "imagenet"
+
+
 def get_dataset(data, split, img_size, train_aug, download=False, root="./data", stats=None):
     """Items are (float [3, img_size, img_size] normalised with MEAN_STD[stats], int label). stats: the data set's
     own by default, "imagenet" for an image folder; a probe of pretrained weights passes what they trained with."""
@@ -223,8 +228,9 @@ def get_dataset(data, split, img_size, train_aug, download=False, root="./data",
     else:
         folder = os.path.join(_checked_folder(data), "val" if split == "test" else "train")
         try:
-            return SkippingImageFolder(folder, transform=_transform(stats or "imagenet", img_size, train_aug))
+            return SkippingImageFolder(folder, transform=_transform(stats or own_stats(data), img_size, train_aug))
         except (FileNotFoundError, RuntimeError) as error:
             raise DataError(f"missing or empty data folder {folder!r} ({error})") from None
-    return TensorImages(images, labels, _transform(stats or data, img_size, train_aug, NATIVE_SIZE[data]), classes)
+    return TensorImages(images, labels, _transform(stats or own_stats(data), img_size, train_aug, NATIVE_SIZE[data]),
+                        classes)
 

@@ -104,9 +104,8 @@ def stop_agreed(device, world):
         return CtrlC.pressed
     code = torch.tensor(float(CtrlC.exit_code if CtrlC.pressed else 0), device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
-    if code.item():
-        CtrlC.pressed, CtrlC.exit_code = True, int(code.item())
-        CtrlC.by = "SIGTERM" if CtrlC.exit_code == 143 else "Ctrl-C"
+    if code := int(code.item()):  # one host sync
+        CtrlC.pressed, CtrlC.exit_code, CtrlC.by = True, code, "SIGTERM" if code == 143 else "Ctrl-C"
     return CtrlC.pressed
 
 
@@ -537,9 +536,9 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
             due = step == total or every  # alike on every process
             log_due = step % args.log_every == 0 or end_of_epoch or due
-            stop = CtrlC.pressed  # read once: a press after this line stops the run at the next step, saved
-            if world > 1:  # one process's signal stops them all, at a step they agree on
-                stop = log_due and stop_agreed(device, world)
+            # read once: a press after this line stops the run at the next step, saved; under torchrun one process's
+            # signal stops them all, at a log step (a host sync there already)
+            stop = (world == 1 or log_due) and stop_agreed(device, world)
             save_now = due or stop
             keep_now = step % steps_per_epoch == 0 and args.keep_every and (epoch + 1) % args.keep_every == 0  # whole epochs
             log_now = log_due or save_now  # a resume's log line starts at a save too
@@ -566,7 +565,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                 kept_path = os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt")
                 save(model, optimizer, scaler, args, epoch, step, len(train_set), kept_path)
             if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
-                reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD.get(args.data, data.MEAN_STD["imagenet"]),
+                reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD[data.own_stats(args.data)],
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
             if log_now:  # the next interval starts after the saves and the figure: img/s counts training alone
                 t_log, steps_at_log = time.time(), step

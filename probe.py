@@ -89,13 +89,12 @@ def input_stats(ckpt):
     """The MEAN_STD key the checkpoint's pretraining normalised its images with, so that a probe on other data
     feeds the encoder what it learned from: its data set's own, "imagenet" for an image folder and for public
     weights (MAE's, timm's)."""
-    trained = trained_args(ckpt).get("data")
-    return trained if trained in data.MEAN_STD else "imagenet"
+    return data.own_stats(trained_args(ckpt).get("data"))
 
 
 def stats_note(name, stats):
     """A note where the images are normalised other than their own data set's way, else ""."""
-    own = name if name in data.MEAN_STD else "imagenet"
+    own = data.own_stats(name)
     return "" if stats == own else f"; images normalised with the {stats} mean and std, as in the checkpoint's pretraining"
 
 

@@ -138,14 +138,15 @@ def main(argv=None):
     name, root = data_source(models[0][2], args, args.checkpoint)
     results = []
     for path, model, ckpt in models:
-        print(describe(path, model) + stats_note(name, input_stats(ckpt)))
-        images = get_split(name, "test", model.config.img_size, root, args.n, args.download, input_stats(ckpt))
+        stats = input_stats(ckpt)
+        print(describe(path, model) + stats_note(name, stats))
+        images = get_split(name, "test", model.config.img_size, root, args.n, args.download, stats)
         try:
             rows, n_tokens = rank_profile(model, make_loader(images, args.batch_size, device, args.workers), device,
                                           args.n_tokens, PRECISIONS[args.precision])
         except data.DataError as error:
             fail(str(error))
-        results.append({"checkpoint": path, "label": schedule_label(model.config), "normalised_with": input_stats(ckpt),
+        results.append({"checkpoint": path, "label": schedule_label(model.config), "normalised_with": stats,
                         "n_images": len(images), "n_token_images": n_tokens, "alphas": model.alphas, "layers": rows})
     for result in results:
         print_table(result)
@@ -153,7 +154,8 @@ def main(argv=None):
         print_comparison(results)
     print(f"took {time.time() - start:.0f} s on {device}, {precision_name(device, args.precision)}")
     save_json(out, {
-        "data": name, "columns": COLUMNS, "precision": precision_name(device, args.precision), "sample": "seeded random sample of the test split (seed 0); tokens: n_token_images evenly spaced in it",
+        "data": name, "columns": COLUMNS, "precision": precision_name(device, args.precision),
+        "sample": "seeded random sample of the test split (seed 0); tokens: n_token_images evenly spaced in it",
         "checkpoints": results, "seconds": round(time.time() - start, 1)})
     plot_ranks(results, os.path.splitext(out)[0] + ".png")
 

@@ -1087,16 +1087,29 @@ def whole_run(tmp_path_factory):
     return torch.load(out / "ckpt.pt", weights_only=True)
 
 
-def stop_run(out, how, ready):
-    """Start the STOP_FLAGS run into out, send it signal `how` once ready() holds; (exit code, stdout, stderr)."""
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *map(str, STOP_FLAGS), "--out-dir", str(out)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def stop_run(out, send, ready=None, launcher=(), extra=()):
+    """Start the STOP_FLAGS run into out (with extra flags, under a launcher such as torchrun), in a process group of
+    its own; once ready() holds (default: 4 log lines), send(process) signals it. (exit code, stdout, stderr)."""
+    log = out / "log.jsonl"
+    ready = ready or (lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
+    proc = subprocess.Popen([sys.executable, *map(str, launcher), "pretrain.py", *map(str, STOP_FLAGS), *map(str, extra),
+                             "--out-dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.05)
-    proc.send_signal(how)
+    send(proc)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
+
+
+def to_group(how, times=1):
+    """A send for stop_run: signal `how` to the run's whole process group, `times` times 0.1 s apart."""
+    def send(proc):
+        for _ in range(times):
+            os.killpg(proc.pid, how)
+            time.sleep(0.1)
+    return send
 
 
 def resumes_to_the_whole_run(out, whole_run, stopped_at):
@@ -1112,7 +1125,7 @@ def resumes_to_the_whole_run(out, whole_run, stopped_at):
 def test_killed_run_resumes_to_identical_weights(tmp_path, whole_run):
     out = tmp_path / "killed"
     ckpt = out / "ckpt.pt"
-    code, _, _ = stop_run(out, signal.SIGKILL,  # as soon as a mid-run checkpoint lands
+    code, _, _ = stop_run(out, lambda proc: proc.send_signal(signal.SIGKILL),  # as soon as a mid-run checkpoint lands
                           lambda: ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 6)
     assert code == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = torch.load(ckpt, weights_only=True)["step"]
@@ -1123,8 +1136,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, whole_run):
 def test_ctrl_c_saves_the_step_under_way_and_resumes_to_identical_weights(tmp_path, whole_run):
     """Ctrl-C saves the step it lands in (due for a save or not), exits 130 with one line, and --resume goes on."""
     out = tmp_path / "stopped"
-    log = out / "log.jsonl"
-    code, stdout, stderr = stop_run(out, signal.SIGINT, lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
+    code, stdout, stderr = stop_run(out, lambda proc: proc.send_signal(signal.SIGINT))
     assert code == 130, stderr
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert 4 <= stopped_at < 16 and "Ctrl-C: saving after this step" in stdout
@@ -1138,17 +1150,8 @@ def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_pat
     workers included, here twice. The step under way is saved and the run exits 143 with one line; the second
     SIGTERM changes nothing (a worker that died of the first would have ended the run unsaved)."""
     out = tmp_path / "run"
-    log = out / "log.jsonl"
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *map(str, STOP_FLAGS), "--workers", "1", "--out-dir", str(out)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 4):
-        time.sleep(0.05)
-    for _ in range(2):
-        os.killpg(proc.pid, signal.SIGTERM)
-        time.sleep(0.1)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    code, stdout, stderr = stop_run(out, to_group(signal.SIGTERM, times=2), extra=["--workers", 1])
+    assert code == 143, stderr
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert 4 <= stopped_at < 16 and stdout.count("SIGTERM: saving after this step") == 1
     assert stderr.strip().splitlines() == [f"stopped by SIGTERM after step {stopped_at}, saved to {out / 'ckpt.pt'}; "
@@ -1176,14 +1179,9 @@ def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_pa
     stops both too, and rank 0, which speaks, names it and exits as it would have (143)."""
     out = tmp_path / "run"
     log = out / "log.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), "pretrain.py", *map(str, STOP_FLAGS), "--out-dir", str(out)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 4):
-        time.sleep(0.05)
-    os.kill(torchrun_worker(proc.pid, 1), how) if one else os.killpg(proc.pid, how)
-    stdout, stderr = proc.communicate(timeout=120)
+    send = (lambda proc: os.kill(torchrun_worker(proc.pid, 1), how)) if one else to_group(how)
+    _, stdout, stderr = stop_run(out, send, launcher=["-m", "torch.distributed.run", "--nproc_per_node", 2,
+                                                      "--master_port", port])
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     by = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[how]
     assert 4 <= stopped_at < 16 and f"stopped by {by} after step {stopped_at}, saved" in stderr, stderr[-3000:]
@@ -2357,7 +2355,7 @@ def test_study_scripts_pass_a_sigterm_on_to_their_runs_and_stop_in_one_line(tmp_
                   "    try:\n"
                   f"        study.sh({str(run_stub)!r}); study.sh({str(next_stub)!r})\n"
                   "    except subprocess.CalledProcessError as error:\n"
-                  "        assert study.stopped(error)\n"
+                  "        assert study.ended(error) == \"stopped\"\n"
                   "def main():\n"
                   "    with ThreadPoolExecutor(1) as pool:\n"
                   "        list(pool.map(run, [0]))\n"

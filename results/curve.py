@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from study import arm_flags, machine, probe_summary, resume_flag, sh, stop_in_one_line, stopped  # noqa: E402
+from study import arm_flags, ended, machine, probe_summary, resume_flag, sh, stop_in_one_line  # noqa: E402
 
 from common import fail, pyplot, save_figure  # noqa: E402  (study put the repository root on the path)
 
@@ -55,7 +55,7 @@ def train(name, args, extra):
         print(f"{name}: pretraining stopped at --train-seconds {args.train_seconds} (its ckpt.pt saved at the step under "
               "way); measuring what it kept", flush=True)
     except subprocess.CalledProcessError as error:
-        print(f"{'stopped' if stopped(error) else 'failed'}: {name} (exit {error.returncode})", flush=True)
+        print(f"{ended(error)}: {name} (exit {error.returncode})", flush=True)
 
 
 def measure(path, extra):
@@ -68,7 +68,7 @@ def measure(path, extra):
         if not os.path.exists(rank_out) or "precision" not in json.load(open(rank_out)):
             sh("rank.py", path, "--out", rank_out, *extra["rank"])
     except subprocess.CalledProcessError as error:
-        print(f"{'stopped' if stopped(error) else 'failed'}: measuring {path} (exit {error.returncode})", flush=True)
+        print(f"{ended(error)}: measuring {path} (exit {error.returncode})", flush=True)
 
 
 def train_and_measure(args, extra):

@@ -110,9 +110,9 @@ def stop_in_one_line(main):
         sys.exit(code)
 
 
-def stopped(error):
-    """A run's exit by Ctrl-C or SIGTERM, not a failure."""
-    return error.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM)
+def ended(error):
+    """How a run that exited non-zero ended: "stopped" by Ctrl-C or SIGTERM, else "failed"."""
+    return "stopped" if error.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM) else "failed"
 
 
 def sh(*args, timeout=None, log=None, grace=20):
@@ -194,8 +194,7 @@ def run(arm, flags, blr, seed, args):
             sh("probe.py", ckpt, *args.probe_args.split(), log=os.path.join(out, "probe.log"))
             sh("rank.py", ckpt, *args.rank_args.split(), log=os.path.join(out, "rank.log"))
         except subprocess.CalledProcessError as error:  # one failed run leaves the others standing
-            print(f"{'stopped' if stopped(error) else 'failed'}: {out} (exit {error.returncode}); see its logs",
-                  flush=True)
+            print(f"{ended(error)}: {out} (exit {error.returncode}); see its logs", flush=True)
             return None
     return dict(arm=arm, blr=blr, seed=seed, **read_run(out))
 

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import math
+import multiprocessing.resource_tracker
 import os
 import random
 import shlex
@@ -115,12 +116,15 @@ def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM t
 
 
 def iter_holding_signals(loader):
-    """iter(loader), with Ctrl-C and SIGTERM held back while its workers start by fork (Linux): one sent to the
-    whole process group then would reach a worker before ignore_stop_signals ran. Forked workers inherit the
-    block; the main process gets the signal after it. (Spawned ones start unblocked: this file's first lines make
-    them ignore both, which leaves them exposed only while Python starts.)"""
+    """iter(loader), with Ctrl-C and SIGTERM held back while it starts its workers: one sent to the whole process
+    group then would reach a worker before it could ignore them (ignore_stop_signals; this file's first lines under
+    spawn). Workers inherit the block, through fork or spawn's exec, and so does a fork server (Python 3.14's Linux
+    default) started here, and the workers it forks; the main process gets the signal after."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         return iter(loader)
+    workers = getattr(loader, "num_workers", 0)  # the device data path's batches are a generator
+    if workers and (loader.multiprocessing_context or torch.multiprocessing).get_start_method() != "fork":
+        multiprocessing.resource_tracker.ensure_running()  # its first start unblocks both signals in this process
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         return iter(loader)
@@ -675,3 +679,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("error: stopped by a second Ctrl-C; nothing was saved after the last checkpoint", file=sys.stderr)
         sys.exit(130)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # all saved: Python's shutdown would let a SIGTERM end it with -15

@@ -1089,17 +1089,21 @@ def whole_run(tmp_path_factory):
 
 def stop_run(out, send, ready=None, launcher=(), extra=()):
     """Start the STOP_FLAGS run into out (with extra flags, under a launcher such as torchrun), in a process group of
-    its own; once ready() holds (default: 4 log lines), send(process) signals it. (exit code, stdout, stderr)."""
+    its own; once ready(process) holds (default: 4 log lines), send(process) signals it. (exit code, stdout, stderr)."""
     log = out / "log.jsonl"
-    ready = ready or (lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
+    ready = ready or (lambda proc: log.exists() and len(log.read_text().splitlines()) >= 4)
     proc = subprocess.Popen([sys.executable, *map(str, launcher), "pretrain.py", *map(str, STOP_FLAGS), *map(str, extra),
                              "--out-dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(0.05)
+    while time.time() < deadline and proc.poll() is None and not ready(proc):
+        time.sleep(0.005)
     send(proc)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # a hung run leaves nothing behind
+        raise
     return proc.returncode, stdout, stderr
 
 
@@ -1126,7 +1130,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, whole_run):
     out = tmp_path / "killed"
     ckpt = out / "ckpt.pt"
     code, _, _ = stop_run(out, lambda proc: proc.send_signal(signal.SIGKILL),  # as soon as a mid-run checkpoint lands
-                          lambda: ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 6)
+                          lambda proc: ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 6)
     assert code == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 6 <= killed_at < 16
@@ -1156,6 +1160,47 @@ def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_pat
     assert 4 <= stopped_at < 16 and stdout.count("SIGTERM: saving after this step") == 1
     assert stderr.strip().splitlines() == [f"stopped by SIGTERM after step {stopped_at}, saved to {out / 'ckpt.pt'}; "
                                            "the same command with --resume goes on from there"]
+
+
+def test_sigterm_after_the_last_save_leaves_a_finished_run_exit_0(tmp_path):
+    """A scheduler's SIGTERM that lands once the last step is saved, as Python shuts down (which drops the run's
+    handler), must not turn a finished run's exit code into -15: a study would call it failed."""
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "ckpt.pt"
+
+    def send(proc):
+        time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+    code, _, stderr = stop_run(out, send, lambda proc: ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == 16)
+    assert code == 0 and "stopped" not in stderr, (code, stderr[-2000:])
+
+
+def loader_worker_started(run):
+    """Whether a loader worker of the run (a process in its session) exists yet; multiprocessing's helpers, its
+    resource tracker and its fork server, are not workers."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat, cmdline = open(f"/proc/{pid}/stat").read(), open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        parent, _, session = map(int, stat.rsplit(")", 1)[1].split()[1:4])  # after the name: state, ppid, pgrp, sid
+        helper = b"resource_tracker" in cmdline or (b"forkserver" in cmdline and parent == run.pid)
+        if session == run.pid and int(pid) != run.pid and not helper:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_sigterm_as_loader_workers_start_by_spawn_or_forkserver_saves(tmp_path, start_method):
+    """Workers started by spawn (macOS's default) or by a fork server (Python 3.14's on Linux) must not die of a
+    SIGTERM to the group that lands while they start: a dead spawned worker left the run waiting for ever, a dead
+    fork-server worker ended it unsaved. The signal goes the moment a worker process exists."""
+    out = tmp_path / "run"
+    launcher = ["-c", f"import multiprocessing, runpy, sys; multiprocessing.set_start_method({start_method!r}); "
+                      "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
+    code, _, stderr = stop_run(out, to_group(signal.SIGTERM), loader_worker_started, launcher, ["--workers", 1])
+    assert code == 143, stderr[-3000:]
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert stderr.strip().splitlines()[-1].startswith(f"stopped by SIGTERM after step {stopped_at}, saved")
 
 
 def torchrun_worker(parent, rank):

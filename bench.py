@@ -14,7 +14,8 @@ import torch
 
 import data
 import device_data
-from common import COMPILE_MODES, WORKERS, Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device, positive_int, real
+from common import (COMPILE_MODES, WORKERS, Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device,
+                    positive_int, real, stop_on_ctrl_c)
 from model import MAE, PRESETS, SCHEDULES
 from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
 
@@ -208,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    stop_on_ctrl_c(main)

@@ -22,6 +22,16 @@ def fail(message):
     sys.exit(2)
 
 
+def stop_on_ctrl_c(main):
+    """Run a script's main; Ctrl-C stops it with one line and exit 130, not a traceback (its files are written
+    through temp files, so none is left half-written)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other bad input
         fail(f"{message} (see --help)")

@@ -23,7 +23,7 @@ import data
 from model import MAE
 from common import (WORKERS, Parser, autocast, beside, fail, json_file, load_checkpoint, lr_at, non_negative_int,
                     note_if_replacing, one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json,
-                    writable)
+                    stop_on_ctrl_c, writable)
 
 # Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -443,4 +443,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    stop_on_ctrl_c(main)

@@ -17,7 +17,7 @@ import torch
 
 import data
 from common import (Parser, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread, pick_device,
-                    pyplot, save_figure, save_json, writable)
+                    pyplot, save_figure, save_json, stop_on_ctrl_c, writable)
 from probe import (PRECISIONS, add_common_args, add_precision_arg, data_source, extract_features, get_split,
                    input_stats, load_model, make_loader, precision_name, schedule_label, stats_note)
 
@@ -161,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    stop_on_ctrl_c(main)

@@ -1639,6 +1639,18 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("script", ["probe.py", "rank.py", "bench.py"])
+def test_ctrl_c_stops_probe_rank_and_bench_in_one_line(tmp_path, finished_run, monkeypatch, script):
+    """Ctrl-C (KeyboardInterrupt, here raised as the device is picked) ends in one line and exit 130, as in
+    pretrain.py, not a traceback, and writes nothing."""
+    def pressed(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "pick_device", pressed)
+    args = [] if script == "bench.py" else [finished_run / "run" / "ckpt.pt", "--out", tmp_path / "out.json"]
+    result = call(script, *args, check=False)
+    assert (result.returncode, result.stderr) == (130, "stopped by Ctrl-C\n") and list(tmp_path.iterdir()) == []
+
+
 PRETRAIN, PROBE, RANK = "pretrain.py", "probe.py", "rank.py"
 BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {run} is a finished run's folder
     (PRETRAIN, "--alpha-schedule linaer", "unknown alpha schedule 'linaer'; choose one of none, linear"),

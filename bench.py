@@ -14,8 +14,8 @@ import torch
 
 import data
 import device_data
-from common import (COMPILE_MODES, WORKERS, Parser, autocast, fail, flops_per_image, fraction, peak_flops, pick_device,
-                    positive_int, real, stop_on_ctrl_c)
+from common import (COMPILE_MODES, WORKERS, Parser, autocast, fail, flops_per_image, fraction, iter_holding_signals,
+                    peak_flops, pick_device, positive_int, real, stop_on_ctrl_c)
 from model import MAE, PRESETS, SCHEDULES
 from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
 
@@ -174,7 +174,7 @@ def bench_loader(args, cfg, device):
                                          drop_last=True)
     if len(loader) < 2:
         fail(f"--loader needs at least 2 batches of {args.batch_size} images; {args.data} has {len(train_set)}")
-    batches = iter(loader)
+    batches = iter_holding_signals(loader)
     next(batches)  # workers start
     start = time.perf_counter()
     n = sum(len(next(batches)[0]) for _ in range(min(args.steps, len(loader) - 1)))

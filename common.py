@@ -7,9 +7,12 @@ import errno
 import io
 import json
 import math
+import multiprocessing.resource_tracker
 import os
 import random
+import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -30,6 +33,34 @@ def stop_on_ctrl_c(main):
     except KeyboardInterrupt:
         print("stopped by Ctrl-C", file=sys.stderr)
         sys.exit(130)
+
+
+def iter_holding_signals(loader):
+    """iter(loader), with Ctrl-C and SIGTERM held back while it starts its workers, which keep them held for good:
+    one sent to the whole process group (a terminal's Ctrl-C, a scheduler's SIGTERM) is the main process's alone
+    to act on, and cannot kill a worker as it starts, which hung or crashed the run. Workers inherit the hold
+    through fork or spawn's exec (macOS), as does a fork server (Python 3.14's Linux default) started here and its
+    workers. The main process acts on a signal once its workers have started."""
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    workers = getattr(loader, "num_workers", 0)  # the device data path's batches are a generator, no workers
+    if not workers or not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return iter(loader)  # (Windows has no pthread_sigmask)
+    if (loader.multiprocessing_context or torch.multiprocessing).get_start_method() != "fork":
+        # the resource tracker's first start lifts the hold in this process (Python <= 3.13; gh-127586)
+        multiprocessing.resource_tracker.ensure_running()
+    # The hold is the main thread's: the kernel hands a signal to another thread (torch's), whose Python handler
+    # would still run here mid-start, so until the workers are up a signal is only written down.
+    arrived = []
+    handlers = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in stop_signals}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # runs the handler of a signal held back till now
+        for s, handler in handlers.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(arrived):
+            signal.raise_signal(s)
 
 
 class Parser(argparse.ArgumentParser):
@@ -315,8 +346,10 @@ def save_figure(fig, path, dpi=120):
     from PIL import Image  # torchvision's own dependency
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    png = io.BytesIO()
     Image.open(buffer).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) \
-        .save(path, optimize=True)
+        .save(png, format="png", optimize=True)
+    save_bytes(png.getvalue(), path)  # through a temp file, as every output: a stop mid-write leaves no broken PNG
     pyplot().close(fig)
     print(f"plot -> {path}")
 

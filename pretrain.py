@@ -9,9 +9,9 @@ run, or one spread over several processes, sees exactly the images and masks of 
 import argparse
 import contextlib
 import glob
+import io
 import json
 import math
-import multiprocessing.resource_tracker
 import os
 import random
 import shlex
@@ -19,8 +19,8 @@ import signal
 import sys
 import time
 
-if __name__ == "__mp_main__":  # a loader worker started by spawn (macOS, Windows) imports this file first: from here
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on, Ctrl-C and SIGTERM are the main process's to handle
+if __name__ == "__mp_main__":  # a loader worker started by spawn imports this file first; from here on, Ctrl-C and
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM are the main process's (held back before: Linux, macOS)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 try:
@@ -36,8 +36,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import device_data
 from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, describe_machine, fail, flops_per_image, fraction,
-                    load_checkpoint, lr_at, nearest_folder, non_negative, non_negative_int, peak_flops, pick_device,
-                    positive, positive_int, real, rng_states, save_atomic, save_bytes, set_rng_states, try_writing_in)
+                    iter_holding_signals, load_checkpoint, lr_at, nearest_folder, non_negative, non_negative_int,
+                    peak_flops, pick_device, positive, positive_int, real, rng_states, save_atomic, save_bytes,
+                    set_rng_states, try_writing_in)
 from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -115,23 +116,6 @@ def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM t
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def iter_holding_signals(loader):
-    """iter(loader), with Ctrl-C and SIGTERM held back while it starts its workers: one sent to the whole process
-    group then would reach a worker before it could ignore them (ignore_stop_signals; this file's first lines under
-    spawn). Workers inherit the block, through fork or spawn's exec, and so does a fork server (Python 3.14's Linux
-    default) started here, and the workers it forks; the main process gets the signal after."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        return iter(loader)
-    workers = getattr(loader, "num_workers", 0)  # the device data path's batches are a generator
-    if workers and (loader.multiprocessing_context or torch.multiprocessing).get_start_method() != "fork":
-        multiprocessing.resource_tracker.ensure_running()  # its first start unblocks both signals in this process
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
 class SeededItems(torch.utils.data.Dataset):
     """Item i of epoch e is augmented and masked under its own seed, so its randomness never depends on
     which process, worker or resumed run loads it. Yields (image, mask noise over patches)."""
@@ -179,7 +163,9 @@ def reconstruction_grid(model, imgs, noise, mean_std, path):
     rows = torch.cat([imgs, masked, recon]) * std + mean
     zoom = max(1, math.ceil(800 / (len(imgs) * (imgs.shape[-1] + 2))))  # small images: nearest-neighbour, >= 800 px wide
     rows = rows.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
-    save_image(rows.clamp(0, 1), path, nrow=len(imgs), padding=2 * zoom)
+    png = io.BytesIO()
+    save_image(rows.clamp(0, 1), png, format="png", nrow=len(imgs), padding=2 * zoom)
+    save_bytes(png.getvalue(), path)
     model.train()
 
 
@@ -679,4 +665,3 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("error: stopped by a second Ctrl-C; nothing was saved after the last checkpoint", file=sys.stderr)
         sys.exit(130)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # all saved: Python's shutdown would let a SIGTERM end it with -15

@@ -21,9 +21,9 @@ from einops import rearrange
 
 import data
 from model import MAE
-from common import (WORKERS, Parser, autocast, beside, fail, json_file, load_checkpoint, lr_at, non_negative_int,
-                    note_if_replacing, one_thread, pick_device, positive, positive_int, pyplot, save_figure, save_json,
-                    stop_on_ctrl_c, writable)
+from common import (WORKERS, Parser, autocast, beside, fail, iter_holding_signals, json_file, load_checkpoint, lr_at,
+                    non_negative_int, note_if_replacing, one_thread, pick_device, positive, positive_int, pyplot,
+                    save_figure, save_json, stop_on_ctrl_c, writable)
 
 # Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -153,7 +153,7 @@ def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=
     """
     model.eval().to(device)
     parts, seen, start = {key: [] for key in (*pooling, "labels")}, 0, time.time()
-    for i, (imgs, labels) in enumerate(loader):
+    for i, (imgs, labels) in enumerate(iter_holding_signals(loader)):
         with precision(device, dtype):
             blocks = model.features(imgs.to(device, non_blocking=True))
         tokens = [blocks[layer - 1].float() for layer in layers]

@@ -36,29 +36,36 @@ def stop_on_ctrl_c(main):
 
 
 def iter_holding_signals(loader):
-    """iter(loader), with Ctrl-C and SIGTERM held back while it starts its workers, which keep them held for good:
-    one sent to the whole process group (a terminal's Ctrl-C, a scheduler's SIGTERM) is the main process's alone
-    to act on, and cannot kill a worker as it starts, which hung or crashed the run. Workers inherit the hold
-    through fork or spawn's exec (macOS), as does a fork server (Python 3.14's Linux default) started here and its
-    workers. The main process acts on a signal once its workers have started."""
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    """iter(loader), holding back the stop signals the main process acts on (Ctrl-C; pretrain.py's SIGTERM too)
+    while it starts its workers, which keep them held: one sent to the whole process group (a terminal's Ctrl-C,
+    a scheduler's SIGTERM) is the main process's alone to act on, and cannot kill a worker as it starts, which
+    hung or crashed the run. Workers inherit the hold through fork or spawn's exec (macOS), as does a fork server
+    (Python 3.14's Linux default) first started here, and its workers. The main process acts once they are up."""
     workers = getattr(loader, "num_workers", 0)  # the device data path's batches are a generator, no workers
-    if not workers or not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        return iter(loader)  # (Windows has no pthread_sigmask)
+    acted_on = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
+    if not workers or not acted_on or not hasattr(signal, "pthread_sigmask"):  # (Windows has no pthread_sigmask)
+        return iter(loader)
     if (loader.multiprocessing_context or torch.multiprocessing).get_start_method() != "fork":
-        # the resource tracker's first start lifts the hold in this process (Python <= 3.13; gh-127586)
+        # the resource tracker's first start lifts the hold in this process (CPython before gh-127586, as 3.11)
         multiprocessing.resource_tracker.ensure_running()
-    # The hold is the main thread's: the kernel hands a signal to another thread (torch's), whose Python handler
-    # would still run here mid-start, so until the workers are up a signal is only written down.
-    arrived = []
-    handlers = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in stop_signals}
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    # The hold is this thread's: the kernel may hand a signal to another thread (torch's), and Python would still
+    # run its handler here mid-start. So until the workers are up a signal is only written down.
+    arrived, handlers, held = [], {}, None
+    swap = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     try:
+        for s in acted_on if swap else ():
+            handlers[s] = signal.signal(s, lambda signum, frame: arrived.append(signum))
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, acted_on)
         return iter(loader)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # runs the handler of a signal held back till now
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held back till now runs the recorder
         for s, handler in handlers.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+            try:
+                signal.signal(s, handler)
+            except KeyboardInterrupt:  # a Ctrl-C just now, run by the handler restored before: restore the rest
+                arrived.append(signal.SIGINT)
+                signal.signal(s, handler)
         for s in dict.fromkeys(arrived):
             signal.raise_signal(s)
 

@@ -100,15 +100,19 @@ def catch_stop_signals():
 
 
 def stop_agreed(device, world):
-    """Whether to stop now: CtrlC.pressed, or under torchrun whether any process got a signal (a collective: every
-    process must call it); then every process takes the strongest signal's name and exit code, SIGTERM's first."""
+    """Whether to stop now: CtrlC.pressed, or under torchrun whether any process had a signal by the vote (a
+    collective: every process must call it); then every process takes the strongest signal's name and exit code,
+    SIGTERM's first. A signal that lands during the vote counts at the next one: the processes must agree."""
     if world == 1:
         return CtrlC.pressed
     code = torch.tensor(float(CtrlC.exit_code if CtrlC.pressed else 0), device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
-    if code := int(code.item()):  # one host sync
-        CtrlC.pressed, CtrlC.exit_code, CtrlC.by = True, code, "SIGTERM" if code == 143 else "Ctrl-C"
-    return CtrlC.pressed
+    if not (code := int(code.item())):  # one host sync
+        return False
+    CtrlC.pressed, CtrlC.exit_code, CtrlC.by = True, code, "SIGTERM" if code == 143 else "Ctrl-C"
+    for s in (signal.SIGINT, signal.SIGTERM):  # as if each process had the signal: torchrun passes one on to the
+        signal.signal(s, signal.SIG_IGN)        # others when the first exits, and as Python shuts down it would kill
+    return True
 
 
 def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM to the main process, which saves

@@ -1166,16 +1166,16 @@ def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_pat
 
 
 def loader_worker_started(run):
-    """Whether a loader worker of the run (a process in its session) exists yet; multiprocessing's helpers, its
-    resource tracker and its fork server, are not workers."""
+    """Whether a loader worker of the run exists yet, started by spawn or by a fork server (other processes of the
+    session: the resource tracker, the fork server itself, `ldconfig` run by `import torch`)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat, cmdline = open(f"/proc/{pid}/stat").read(), open(f"/proc/{pid}/cmdline", "rb").read()
         except OSError:
             continue
         parent, _, session = map(int, stat.rsplit(")", 1)[1].split()[1:4])  # after the name: state, ppid, pgrp, sid
-        helper = b"resource_tracker" in cmdline or (b"forkserver" in cmdline and parent == run.pid)
-        if session == run.pid and int(pid) != run.pid and not helper:
+        worker = b"spawn_main" in cmdline or (b"forkserver" in cmdline and parent != run.pid)
+        if session == run.pid and int(pid) != run.pid and worker:
             return True
     return False
 
@@ -1232,6 +1232,31 @@ def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_pa
     if one:
         assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # both processes
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, stopped_at + 1))
+
+
+def test_a_signal_during_the_stop_vote_of_torchrun_processes_counts_at_the_next_vote(monkeypatch):
+    """Under torchrun the processes vote at each log line on stopping. A signal that lands while one process votes
+    (after it cast 0) must not make that process alone stop: it went to the exit while the others trained on, and
+    the job hung (1 run in 8 of the test above). Once the vote says stop, every process ignores later signals, as
+    one that had the signal does: torchrun passes it on to the others when the first exits, and one landing as
+    Python shut down ended a saved process with -15."""
+    monkeypatch.setattr(pretrain.CtrlC, "pressed", False)
+    monkeypatch.setattr(pretrain.CtrlC, "exit_code", 130)
+    monkeypatch.setattr(pretrain.CtrlC, "by", "Ctrl-C")
+    votes = []
+
+    def all_reduce(code, op):  # the others cast 0; this process's signal arrives during the first vote
+        votes.append(int(code.item()))
+        pretrain.CtrlC.exit_code, pretrain.CtrlC.pressed = 143, True
+    monkeypatch.setattr(pretrain.dist, "all_reduce", all_reduce)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert pretrain.stop_agreed(torch.device("cpu"), 2) is False  # as every other process reads the vote
+        assert pretrain.stop_agreed(torch.device("cpu"), 2) is True and votes == [0, 143]
+        assert [signal.getsignal(s) for s in previous] == [signal.SIG_IGN] * 2
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, monkeypatch, capsys):
@@ -1675,6 +1700,24 @@ def test_a_signal_while_loader_workers_start_is_acted_on_once_they_have():
         signal.signal(signal.SIGTERM, previous)
     assert events == ["workers started", "SIGTERM"]
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the hold is lifted
+
+
+def test_loader_workers_hold_back_only_the_signals_the_main_process_acts_on():
+    """probe.py acts on Ctrl-C and leaves SIGTERM to its default: its workers hold back Ctrl-C only, so the
+    DataLoader's terminate() (a SIGTERM) still ends a worker stuck in a read. pretrain.py acts on both."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for term_handler, term_held in ((signal.SIG_DFL, False), (lambda signum, frame: None, True)):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, term_handler)
+            batches = common.iter_holding_signals(torch.utils.data.DataLoader(range(4), num_workers=1))
+            status = open(f"/proc/{batches._workers[0].pid}/status").read()
+            assert [int(x) for x in batches] == [0, 1, 2, 3]  # all read: the worker ends before any assert can fail
+            blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+            assert [bool(blocked >> (s - 1) & 1) for s in (signal.SIGINT, signal.SIGTERM)] == [True, term_held]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def test_ctrl_c_as_probe_workers_start_by_spawn_is_one_line(tmp_path, finished_run):

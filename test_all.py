@@ -1089,15 +1089,11 @@ def whole_run(tmp_path_factory):
     return torch.load(out / "ckpt.pt", weights_only=True)
 
 
-def stop_run(out, send, ready=None, launcher=(), extra=(), poll=0.05):
-    """Start the STOP_FLAGS run into out (with extra flags, under a launcher such as torchrun), in a process group of
-    its own; once ready(process) holds (default: 4 log lines; asked every poll seconds), send(process) signals it.
-    (exit code, stdout, stderr)."""
-    log = out / "log.jsonl"
-    ready = ready or (lambda proc: log.exists() and len(log.read_text().splitlines()) >= 4)
-    proc = subprocess.Popen([sys.executable, *map(str, launcher), "pretrain.py", *map(str, STOP_FLAGS), *map(str, extra),
-                             "--out-dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def signal_when_ready(command, send, ready, poll=0.05):
+    """Start python with command, in a process group of its own; once ready(process) holds (asked every poll
+    seconds), send(process) signals it. (exit code, stdout, stderr); a run that then hangs is killed, group and all."""
+    proc = subprocess.Popen([sys.executable, *map(str, command)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not ready(proc):
         time.sleep(poll)
@@ -1105,9 +1101,17 @@ def stop_run(out, send, ready=None, launcher=(), extra=(), poll=0.05):
     try:
         stdout, stderr = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # a hung run leaves nothing behind
+        os.killpg(proc.pid, signal.SIGKILL)
         raise
     return proc.returncode, stdout, stderr
+
+
+def stop_run(out, send, ready=None, launcher=(), extra=(), poll=0.05):
+    """signal_when_ready for the STOP_FLAGS run into out (with extra flags, under a launcher such as torchrun); ready
+    defaults to 4 log lines."""
+    log = out / "log.jsonl"
+    ready = ready or (lambda proc: log.exists() and len(log.read_text().splitlines()) >= 4)
+    return signal_when_ready([*launcher, "pretrain.py", *STOP_FLAGS, *extra, "--out-dir", out], send, ready, poll)
 
 
 def to_group(how, times=1):
@@ -1163,6 +1167,15 @@ def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_pat
     assert 4 <= stopped_at < 16 and stdout.count("SIGTERM: saving after this step") == 1
     assert stderr.strip().splitlines() == [f"stopped by SIGTERM after step {stopped_at}, saved to {out / 'ckpt.pt'}; "
                                            "the same command with --resume goes on from there"]
+
+
+@pytest.fixture
+def stop_handlers_kept():
+    """Tests that set handlers of Ctrl-C and SIGTERM in this process leave pytest's own in place after them."""
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in kept.items():
+        signal.signal(s, handler)
 
 
 def loader_worker_started(run):
@@ -1234,7 +1247,7 @@ def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_pa
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, stopped_at + 1))
 
 
-def test_a_signal_during_the_stop_vote_of_torchrun_processes_counts_at_the_next_vote(monkeypatch):
+def test_a_signal_during_the_stop_vote_of_torchrun_processes_counts_at_the_next_vote(monkeypatch, stop_handlers_kept):
     """Under torchrun the processes vote at each log line on stopping. A signal that lands while one process votes
     (after it cast 0) must not make that process alone stop: it went to the exit while the others trained on, and
     the job hung (1 run in 8 of the test above). Once the vote says stop, every process ignores later signals, as
@@ -1249,14 +1262,9 @@ def test_a_signal_during_the_stop_vote_of_torchrun_processes_counts_at_the_next_
         votes.append(int(code.item()))
         pretrain.CtrlC.exit_code, pretrain.CtrlC.pressed = 143, True
     monkeypatch.setattr(pretrain.dist, "all_reduce", all_reduce)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        assert pretrain.stop_agreed(torch.device("cpu"), 2) is False  # as every other process reads the vote
-        assert pretrain.stop_agreed(torch.device("cpu"), 2) is True and votes == [0, 143]
-        assert [signal.getsignal(s) for s in previous] == [signal.SIG_IGN] * 2
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    assert pretrain.stop_agreed(torch.device("cpu"), 2) is False  # as every other process reads the vote
+    assert pretrain.stop_agreed(torch.device("cpu"), 2) is True and votes == [0, 143]
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == [signal.SIG_IGN] * 2
 
 
 def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, monkeypatch, capsys):
@@ -1676,7 +1684,7 @@ def test_ctrl_c_stops_probe_rank_and_bench_in_one_line(tmp_path, finished_run, m
     assert (result.returncode, result.stderr) == (130, "stopped by Ctrl-C\n") and list(tmp_path.iterdir()) == []
 
 
-def test_a_signal_while_loader_workers_start_is_acted_on_once_they_have():
+def test_a_signal_while_loader_workers_start_is_acted_on_once_they_have(stop_handlers_kept):
     """The hold on the signals is the main thread's: the kernel hands a signal to another thread (torch's own,
     started before), and Python then ran the handler in the main thread while it started workers (a worker left
     without its start data printed a traceback under spawn). The handler must run once iter() has returned."""
@@ -1693,49 +1701,32 @@ def test_a_signal_while_loader_workers_start_is_acted_on_once_they_have():
             time.sleep(0.05)  # the signal has reached the process
             events.append("workers started")
             return iter(())
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: events.append("SIGTERM"))
-    try:
-        common.iter_holding_signals(Starting())
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, lambda signum, frame: events.append("SIGTERM"))
+    common.iter_holding_signals(Starting())
     assert events == ["workers started", "SIGTERM"]
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the hold is lifted
 
 
-def test_loader_workers_hold_back_only_the_signals_the_main_process_acts_on():
+def test_loader_workers_hold_back_only_the_signals_the_main_process_acts_on(stop_handlers_kept):
     """probe.py acts on Ctrl-C and leaves SIGTERM to its default: its workers hold back Ctrl-C only, so the
     DataLoader's terminate() (a SIGTERM) still ends a worker stuck in a read. pretrain.py acts on both."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for term_handler, term_held in ((signal.SIG_DFL, False), (lambda signum, frame: None, True)):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, term_handler)
-            batches = common.iter_holding_signals(torch.utils.data.DataLoader(range(4), num_workers=1))
-            status = open(f"/proc/{batches._workers[0].pid}/status").read()
-            assert [int(x) for x in batches] == [0, 1, 2, 3]  # all read: the worker ends before any assert can fail
-            blocked = int(status.split("SigBlk:")[1].split()[0], 16)
-            assert [bool(blocked >> (s - 1) & 1) for s in (signal.SIGINT, signal.SIGTERM)] == [True, term_held]
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    for term_handler, term_held in ((signal.SIG_DFL, False), (lambda signum, frame: None, True)):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, term_handler)
+        batches = common.iter_holding_signals(torch.utils.data.DataLoader(range(4), num_workers=1))
+        status = open(f"/proc/{batches._workers[0].pid}/status").read()
+        assert [int(x) for x in batches] == [0, 1, 2, 3]  # all read: the worker ends before any assert can fail
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        assert [bool(blocked >> (s - 1) & 1) for s in (signal.SIGINT, signal.SIGTERM)] == [True, term_held]
 
 
 def test_ctrl_c_as_probe_workers_start_by_spawn_is_one_line(tmp_path, finished_run):
     """A terminal's Ctrl-C reaches every process of the group: loader workers that spawn was still starting
     (macOS) each printed a traceback (150 lines) around probe.py's one line."""
-    proc = subprocess.Popen([sys.executable, *starting_workers_by("spawn"), "probe.py", str(finished_run / "run" / "ckpt.pt"),
-                             "--workers", "1", "--out", str(tmp_path / "probe.json")], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not loader_worker_started(proc):
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert (proc.returncode, stderr) == (130, "stopped by Ctrl-C\n")
+    code, _, stderr = signal_when_ready([*starting_workers_by("spawn"), "probe.py", finished_run / "run" / "ckpt.pt",
+                                         "--workers", 1, "--out", tmp_path / "probe.json"],
+                                        to_group(signal.SIGINT), loader_worker_started, 0.005)
+    assert (code, stderr) == (130, "stopped by Ctrl-C\n")
 
 
 PRETRAIN, PROBE, RANK = "pretrain.py", "probe.py", "rank.py"

@@ -14,8 +14,8 @@ import torch
 
 import data
 import device_data
-from common import (COMPILE_MODES, WORKERS, Parser, autocast, fail, flops_per_image, fraction, iter_holding_signals,
-                    peak_flops, pick_device, positive_int, real, stop_on_ctrl_c)
+from common import (COMPILE_MODES, WORKERS, Parser, autocast, default_workers, fail, flops_per_image, fraction,
+                    iter_holding_signals, peak_flops, pick_device, positive_int, real, stop_on_ctrl_c)
 from model import MAE, PRESETS, SCHEDULES
 from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
 
@@ -168,7 +168,7 @@ def bench_loader(args, cfg, device):
         train_set = data.get_dataset(args.data, "pretrain", cfg.img_size, train_aug=True, root=args.data_root)
     except data.DataError as e:
         fail(str(e))
-    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
+    workers = default_workers(device) if args.workers is None else args.workers
     items = SeededItems(train_set, 0, (cfg.img_size // cfg.patch_size) ** 2)
     loader = torch.utils.data.DataLoader(items, batch_size=args.batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True)

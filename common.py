@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import torch
 
-from model import read_checkpoint
+from model import read_checkpoint, skip_blocks
 
 
 def fail(message):
@@ -114,6 +114,12 @@ positive, non_negative = real(0, low_open=True), real(0)
 fraction = real(0, 1, low_open=True, high_open=True)  # in (0, 1)
 SEED = whole(0, 2**32 - 1)  # numpy's seed range; a negative seed is refused rather than folded onto another
 WORKERS = whole(0, 256)  # data loader processes
+
+
+def default_workers(device):
+    """Loader processes when --workers is left out: a GPU outruns one process's decoding; on a CPU, workers would
+    take the cores the model trains on."""
+    return 8 if device.type == "cuda" else 0
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead replays CUDA graphs
 
 
@@ -263,8 +269,7 @@ def flops_per_image(cfg, mask_ratio):
     total = 2 * n * pix * d + cfg.depth * block(1 + keep, d)  # patch embedding runs on every patch
     total += cfg.decoder_depth * block(1 + n, dd) + 2 * (1 + n) * dd * pix
     if cfg.decoder_skips:
-        n_skips = min(cfg.depth // 2, cfg.decoder_depth)
-        total += n_skips * 2 * (1 + n) * ((dd + d) * dd + dd * dd)
+        total += len(skip_blocks(cfg)) * 2 * (1 + n) * ((dd + d) * dd + dd * dd)
     else:
         total += 2 * (1 + keep) * d * dd
     return total
@@ -282,6 +287,10 @@ def peak_flops(device):
 
 
 # ---- output
+
+def alpha_pairs(alphas):
+    """'(attn,mlp)' shortcut weights per encoder block, as pretrain.py and rank.py print them."""
+    return " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(alphas[::2], alphas[1::2]))
 
 def beside(checkpoint, filename):
     """filename in the checkpoint's folder, named after any checkpoint but ckpt.pt, so that a kept ckpt_epoch010.pt

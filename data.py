@@ -114,7 +114,7 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
                 continue
             for unreadable, error in found_bad:  # counted once a readable one is found: a folder of none gets the error
                 self.bad[unreadable] = True
-                if str(n_bad := int(self.bad.sum())).strip("0") == "1":  # report at 1, 10, 100, ... files
+                if (n_bad := int(self.bad.sum())) == 10 ** (len(str(n_bad)) - 1):  # report at 1, 10, 100, ... files
                     print(f"warning: skipped {n_bad} unreadable image(s), latest {self.samples[unreadable][0]}: "
                           f"{error}", file=sys.stderr)
             return item
@@ -134,7 +134,9 @@ class Sample(torch.utils.data.Dataset):
     def __getitem__(self, k):
         if not isinstance(self.dataset, SkippingImageFolder):
             return self.dataset[self.indices[k]]
-        n, _ = len(self.indices), self.indices[k]  # IndexError past the end, as a list gives (it ends a for loop)
+        n = len(self.indices)
+        if not -n <= k < n:  # as a list does: the IndexError ends a for loop over the sample
+            raise IndexError(k)
         return self.dataset.first_readable((self.indices[(k + j) % n] for j in range(n)), f"of a sample of {n} ")
 
 

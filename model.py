@@ -22,7 +22,7 @@ SCHEDULES = ("none", "linear", "cosine", "exp", "step")
 
 
 def alpha(t, schedule="linear", alpha_min=0.6):
-    """Weight of the identity shortcut at relative depth t in [0, 1]: 1 at t = 0, alpha_min at t = 1.
+    """Weight of the identity shortcut at relative depth t in [0, 1]: 1 at t = 0, alpha_min at t = 1 (none: 1).
     A new schedule: its name in SCHEDULES above, its formula here. Checkpoints store the alphas they trained with,
     so editing an existing formula makes its old checkpoints refuse to load instead of loading as another net."""
     if schedule not in SCHEDULES:
@@ -47,13 +47,13 @@ def encoder_alphas(depth, schedule, alpha_min):
     """One alpha per encoder sub-layer k = 0 .. 2*depth-1 (attention and MLP each count), in order."""
     n = 2 * depth
     alphas = []
-    for k in range(n):  # an edited formula: 0 cuts the stream (and --decay-as-lr divides by it)
+    for k in range(n):
         given = alpha(k / (n - 1), schedule, alpha_min)
         try:
             a = float(given)  # numpy and 0-d torch numbers too, stored as plain floats (torch.load weights_only)
         except (TypeError, ValueError):
             a = math.nan
-        if not (math.isfinite(a) and a > 0):
+        if not (math.isfinite(a) and a > 0):  # an edited formula: 0 cuts the stream (and --decay-as-lr divides by it)
             raise ValueError(f"alpha() gives {given!r} for schedule {schedule!r} at sub-layer {k} "
                              f"(t = {k / (n - 1):.3f}): a shortcut weight must be a number above 0")
         alphas.append(a)
@@ -180,8 +180,9 @@ def unpatchify(x, p, c=3):
     return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p, c=c)
 
 
-def random_masking(n, mask_ratio, noise):
+def random_masking(noise, mask_ratio):
     """Per-sample random masking by argsort of noise [b, n]: small noise is kept. mask: 1 = hidden."""
+    n = noise.shape[1]
     n_keep = n - int(n * mask_ratio)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
@@ -227,6 +228,13 @@ class SkipFuse(nn.Module):
         return x + self.fc2(self.act(self.fc1_dec(x) + self.fc1_enc(full)))
 
 
+def skip_blocks(cfg):
+    """The encoder blocks that feed the decoder's skips, deepest first: the last and every second one below it (11,
+    9, ..., 1 of 12), one per decoder block at most; none without skips. Counted from the last, so that an odd depth
+    has its last block read (else it gets no gradient) and one block feeds the decoder at all."""
+    return list(range(cfg.depth - 1, -1, -2))[:cfg.decoder_depth] if cfg.decoder_skips else []
+
+
 class MAE(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -237,8 +245,7 @@ class MAE(nn.Module):
         if cfg.decoder_skips:  # the decoder starts from positions alone and reads every second encoder block
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, dd))
             self.decoder_embed = nn.Linear(dd, dd)
-            n_skips = min(len(self.skip_blocks), cfg.decoder_depth)
-            self.skips = nn.ModuleList(SkipFuse(dd, cfg.width) for _ in range(n_skips))
+            self.skips = nn.ModuleList(SkipFuse(dd, cfg.width) for _ in self.skip_blocks)
         else:  # plain MAE: the decoder reads the encoder output, hidden places filled by a mask token
             self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
             self.decoder_embed = nn.Linear(cfg.width, dd)
@@ -263,14 +270,13 @@ class MAE(nn.Module):
 
     @property
     def alphas(self):
-        return shortcut_weights(self.config)
+        """The schedule's alpha per encoder sub-layer, as checkpoints, probe.py and rank.py report it. Under
+        decay_as_lr the shortcuts themselves are 1 (shortcut_weights) and the decay is in the learning rates."""
+        return encoder_alphas(self.config.depth, self.config.alpha_schedule, self.config.alpha_min)
 
     @property
     def skip_blocks(self):
-        """The encoder blocks that feed the decoder, deepest first: the last and every second one below it (11, 9,
-        ..., 1 of 12). Counted from the last, so that an odd depth has its last block read (else it gets no
-        gradient) and one block feeds the decoder at all."""
-        return list(range(self.config.depth - 1, -1, -2))
+        return skip_blocks(self.config)
 
     def decay_scales(self):
         """{parameter name: s} under decay_as_lr, else {}. The residual encoder whose parameters are s times the
@@ -287,7 +293,7 @@ class MAE(nn.Module):
         for i in range(cfg.depth):
             for k, layer in ((2 * i, "attn.proj"), (2 * i + 1, "mlp.fc2")):
                 scales |= {f"encoder.blocks.{i}.{layer}.{t}": 1 / c[k] for t in ("weight", "bias")}
-        for j, b in enumerate(self.skip_blocks[:len(getattr(self, "skips", []))]):
+        for j, b in enumerate(self.skip_blocks):
             c_b = 1.0 if b == cfg.depth - 1 else c[2 * b + 1]
             scales |= {f"skips.{j}.fc1_enc.weight": c_b, f"skips.{j}.mask_token": 1 / c_b}
         return scales
@@ -298,7 +304,7 @@ class MAE(nn.Module):
         x = self.encoder.embed(imgs)
         if noise is None:
             noise = torch.rand(x.shape[:2], device=x.device)
-        ids_keep, ids_restore, mask = random_masking(x.shape[1], mask_ratio, noise)
+        ids_keep, ids_restore, mask = random_masking(noise, mask_ratio)
         latent, outs = self.encoder(self.encoder.add_cls(gather_tokens(x, ids_keep)))
         pred = self.decode(latent, outs, ids_restore)
         return self.loss(imgs, pred, mask), pred, mask
@@ -334,9 +340,7 @@ class MAE(nn.Module):
 
     def checkpoint(self, **training_state):
         """The one checkpoint format: plain dicts and tensors, so torch.load(weights_only=True) reads it."""
-        cfg = self.config
-        return {"config": asdict(cfg), "alphas": encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min),
-                "model": self.state_dict(), **training_state}
+        return {"config": asdict(self.config), "alphas": self.alphas, "model": self.state_dict(), **training_state}
 
     @classmethod
     def from_checkpoint(cls, source, heads=None):

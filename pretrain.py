@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 if __name__ == "__mp_main__":  # a loader worker started by spawn imports this file first; from here on, Ctrl-C and
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM are the main process's (held back before: Linux, macOS)
@@ -35,10 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import device_data
-from common import (COMPILE_MODES, SEED, WORKERS, Parser, autocast, describe_machine, fail, flops_per_image, fraction,
-                    iter_holding_signals, load_checkpoint, lr_at, nearest_folder, non_negative, non_negative_int,
-                    peak_flops, pick_device, positive, positive_int, real, rng_states, save_atomic, save_bytes,
-                    set_rng_states, try_writing_in)
+from common import (COMPILE_MODES, SEED, WORKERS, Parser, alpha_pairs, autocast, default_workers, describe_machine, fail,
+                    flops_per_image, fraction, iter_holding_signals, load_checkpoint, lr_at, nearest_folder, non_negative,
+                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, rng_states, save_atomic,
+                    save_bytes, set_rng_states, try_writing_in)
 from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -316,7 +317,7 @@ def fill_defaults(args, device):
     """Defaults that depend on the data and the device. A flag left out is None, so a given 0 never lands here."""
     embedded, gpu = args.data == data.EMBEDDED, device.type == "cuda"
     defaults = dict(model=CPU_PRESET if embedded else "vit_b16", epochs=CPU_EPOCHS if embedded else 800,
-                    batch_size=256 if gpu else 128, blr=1.5e-3 if embedded else 1.5e-4, workers=8 if gpu else 0,
+                    batch_size=256 if gpu else 128, blr=1.5e-3 if embedded else 1.5e-4, workers=default_workers(device),
                     compile=gpu or args.compile_mode is not None, device_data=gpu and args.data in data.DATASETS)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -375,6 +376,13 @@ def model_config(args):
         fail(str(e))
 
 
+def config_changes(cfg, recorded):
+    """The model's fields that differ from the checkpoint's, as one string ('' when none). A field only one side
+    has, from an older version, tells nothing."""
+    now = asdict(cfg)
+    return ", ".join(f"{k} {now[k]} (checkpoint: {v})" for k, v in recorded.items() if k in now and now[k] != v)
+
+
 def claim_out_dir(path, create):
     """Stop now if the run's folder cannot be written or another run is writing it. create=False, before the data
     are built (a scan of ImageNet takes minutes): nothing is made or changed, so a bad input found later leaves the
@@ -428,6 +436,9 @@ def main(argv=None):
     if ckpt is not None and ckpt.get("n_train", len(train_set)) != len(train_set):  # the epochs would shift silently
         fail(f"--resume: the run trained on {ckpt['n_train']} images, the data now holds {len(train_set)}; "
              "resume on the same data or start a new run")
+    if ckpt is not None and (changed := config_changes(cfg, ckpt["config"])):  # e.g. a preset edited since
+        fail(f"--resume: the preset {args.model} now builds another model than the checkpoint's ({changed}); "
+             "put the preset back in model.py, or start a new run")
     rank, world, device = setup_distributed(device)  # only once every input has been checked
     if rank == 0:
         claim_out_dir(args.out_dir, create=True)
@@ -438,10 +449,9 @@ def main(argv=None):
         if ckpt is None and args.data not in data.DATASETS and "model" not in given:
             print("  an image folder gets the paper's model, epochs and blr by default (vit_b16 at 224 px, 800 epochs, "
                   "blr 1.5e-4); a small folder wants glyphs' preset: --model vit_m4_32 --blr 1.5e-3 and fewer --epochs")
-        a = encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)
         schedule = "none" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule} to {cfg.alpha_min}"
         print(f"  encoder shortcut weights (attn, mlp) per block, {schedule}: "
-              + " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(a[::2], a[1::2])))
+              + alpha_pairs(encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)))
         if cfg.decay_as_lr:
             print(f"  --decay-as-lr: those weights are 1 here; instead each branch output trains at lr x 1/c_k, "
                   f"up to x{1 / stream_scales(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)[-1]:.0f} (README)")
@@ -524,21 +534,20 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer_step(optimizer, scaler)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)  # every micro-batch; no sync
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)  # on the device: no sync
             step += 1
             end_of_epoch = step % steps_per_epoch == 0 or step == total
-            every = end_of_epoch if args.save_every is None else args.save_every and step % args.save_every == 0
-            due = step == total or every  # alike on every process
-            log_due = step % args.log_every == 0 or end_of_epoch or due
+            periodic = end_of_epoch if args.save_every is None else (args.save_every and step % args.save_every == 0)
+            save_due = step == total or periodic  # alike on every process
+            log_due = step % args.log_every == 0 or end_of_epoch or save_due
             # read once: a press after this line stops the run at the next step, saved; under torchrun one process's
             # signal stops them all, at a log step (a host sync there already)
             stop = (world == 1 or log_due) and stop_agreed(device, world)
-            save_now = due or stop
+            save_now = save_due or stop
             keep_now = step % steps_per_epoch == 0 and args.keep_every and (epoch + 1) % args.keep_every == 0  # whole epochs
             log_now = log_due or save_now  # a resume's log line starts at a save too
             if log_now:  # the only host syncs of the loop; before a save the weights are checked too
                 stop_if_not_finite(bad_step, lr, ckpt_path, master, world, (model, step) if save_now or keep_now else None)
-            if log_now:
                 now = time.time()
                 if world > 1:  # each process summed its own share of the batch
                     dist.all_reduce(loss_sum)
@@ -558,7 +567,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             if keep_now and master:
                 kept_path = os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt")
                 save(model, optimizer, scaler, args, epoch, step, len(train_set), kept_path)
-            if master and end_of_epoch and ((epoch + 1) % max(1, args.epochs // 10) == 0 or step >= total):  # ten per run
+            if master and end_of_epoch and ((epoch + 1) % max(1, epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD[data.own_stats(args.data)],
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
             if log_now:  # the next interval starts after the saves and the figure: img/s counts training alone
@@ -620,7 +629,7 @@ def stop_if_not_finite(bad_step, lr, ckpt_path, master, world, weights_after=Non
     if (first := first.item()) < 2**62:
         if master:
             last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            print(f"error: the loss or the weights became non-finite at step {first} (lr {lr:.2e}); stopping; "
+            print(f"error: the loss or the weights became non-finite at step {first + 1} (lr {lr:.2e}); stopping; "
                   f"{last}; try a lower --blr or a larger --alpha-min", file=sys.stderr)
         sys.exit(1)
 

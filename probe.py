@@ -21,9 +21,9 @@ from einops import rearrange
 
 import data
 from model import MAE
-from common import (WORKERS, Parser, autocast, beside, fail, iter_holding_signals, json_file, load_checkpoint, lr_at,
-                    non_negative_int, note_if_replacing, one_thread, pick_device, positive, positive_int, pyplot,
-                    save_figure, save_json, stop_on_ctrl_c, writable)
+from common import (WORKERS, Parser, autocast, beside, default_workers, fail, iter_holding_signals, json_file,
+                    load_checkpoint, lr_at, non_negative_int, note_if_replacing, one_thread, pick_device, positive,
+                    positive_int, pyplot, save_figure, save_json, stop_on_ctrl_c, writable)
 
 # Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -123,7 +123,7 @@ def readable(sample):
 
 
 def make_loader(dataset, batch_size, device, workers=None):
-    workers = (8 if device.type == "cuda" else 0) if workers is None else workers
+    workers = default_workers(device) if workers is None else workers
     return torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
 
 
@@ -143,8 +143,8 @@ def precision_name(device, choice):
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=None, name="features", dtype=None):
-    """Frozen-encoder features: {pooling: float32 CPU tensor [len(layers), N, d], "labels": [N]}.
+def extract_features(model, loader, device, layers, on_tokens=None, name="features", dtype=None):
+    """Frozen-encoder features: {each of POOLINGS: float32 CPU tensor [len(layers), N, d], "labels": [N]}.
 
     layers are 1-based blocks. on_tokens, if given, gets each batch's list (one per layer) of float32 token
     tensors [b, 1+n, d], so a caller can reduce them without storing every token. dtype: None runs the encoder
@@ -152,20 +152,20 @@ def extract_features(model, loader, device, layers, pooling=POOLINGS, on_tokens=
     under autocast to it.
     """
     model.eval().to(device)
-    parts, seen, start = {key: [] for key in (*pooling, "labels")}, 0, time.time()
+    parts, seen, start = {key: [] for key in (*POOLINGS, "labels")}, 0, time.time()
     for i, (imgs, labels) in enumerate(iter_holding_signals(loader)):
         with precision(device, dtype):
             blocks = model.features(imgs.to(device, non_blocking=True))
         tokens = [blocks[layer - 1].float() for layer in layers]
-        for p in pooling:
-            parts[p].append(torch.stack([POOLINGS[p](t) for t in tokens]).cpu())
+        for p, pool in POOLINGS.items():
+            parts[p].append(torch.stack([pool(t) for t in tokens]).cpu())
         parts["labels"].append(labels)
         if on_tokens is not None:
             on_tokens(tokens)
         seen += len(labels)
         if (i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader):
             print(f"  {name}: {seen}/{len(loader.dataset)} images, {seen / (time.time() - start):.0f} img/s")
-    return {key: torch.cat(value, dim=-2 if key in pooling else 0) for key, value in parts.items()}
+    return {key: torch.cat(value, dim=-2 if key in POOLINGS else 0) for key, value in parts.items()}
 
 
 class ProbeHeads(nn.Module):

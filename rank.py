@@ -16,8 +16,8 @@ import time
 import torch
 
 import data
-from common import (Parser, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread, pick_device,
-                    pyplot, save_figure, save_json, stop_on_ctrl_c, writable)
+from common import (Parser, alpha_pairs, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread,
+                    pick_device, pyplot, save_figure, save_json, stop_on_ctrl_c, writable)
 from probe import (PRECISIONS, add_common_args, add_precision_arg, data_source, extract_features, get_split,
                    input_stats, load_model, make_loader, precision_name, schedule_label, stats_note)
 
@@ -27,7 +27,7 @@ COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens
 def singular_values(matrices):
     """Singular values of each [..., N, D] matrix, float64 on the CPU, as square roots of the eigenvalues of the
     smaller Gram matrix: many times faster than an SVD for thousands of small token matrices. Eigenvalues within
-    rounding of zero (below size * eps * largest, matrix_rank's tolerance) give zero singular values."""
+    the Gram matrix's rounding of zero (below its size x eps x its largest eigenvalue) give zero singular values."""
     with torch.autocast("cpu", enabled=False), one_thread("cpu"):
         x = torch.as_tensor(matrices).detach().to("cpu", torch.float64)
         eig = torch.linalg.eigvalsh(x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x)
@@ -69,9 +69,9 @@ def rank_profile(model, loader, device, n_token_images, dtype=torch.float32):
 
 
 def describe(path, model):
-    pairs = " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(model.alphas[::2], model.alphas[1::2]))
     return (f"{path}: schedule {schedule_label(model.config)}, total decay {math.prod(model.alphas):.2e}; "
-            f"shortcut weights (attn,mlp) per block {pairs}")
+            f"alphas (attn,mlp) per block {alpha_pairs(model.alphas)}"
+            + (" (taken as learning rates: the shortcuts are 1)" if model.config.decay_as_lr else ""))
 
 
 def print_table(result):

@@ -69,6 +69,9 @@ def test_alphas_placed_per_sub_layer_and_not_in_state_dict():
     assert [(b.a_attn, b.a_mlp) for b in model.encoder.blocks] == list(zip(a[::2], a[1::2]))
     assert all((b.a_attn, b.a_mlp) == (1.0, 1.0) for b in model.decoder_blocks)
     assert not any("alpha" in k or k.endswith(".a_attn") for k in model.state_dict())
+    as_lr = M.MAE(tiny(alpha_schedule="linear", alpha_min=0.7, decay_as_lr=True))  # reported as the schedule's,
+    assert as_lr.alphas == a and as_lr.checkpoint()["alphas"] == a  # as probe.py and rank.py print them; the
+    assert all((b.a_attn, b.a_mlp) == (1.0, 1.0) for b in as_lr.encoder.blocks)  # shortcuts run at 1
 
 
 # ----------------------------------------------------------------------------- patches, masks, loss
@@ -103,7 +106,7 @@ def test_mask_and_unshuffle_by_hand():
                              [1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 1]]
     # distinct tokens: token j of sample b carries the value 100 * b + j in every channel
     x = (100 * torch.arange(2)[:, None, None] + torch.arange(16)[None, :, None]).float().expand(2, 16, 3)
-    ids_keep, ids_restore, _ = M.random_masking(16, 0.75, noise)
+    ids_keep, ids_restore, _ = M.random_masking(noise, 0.75)
     visible = M.gather_tokens(x, ids_keep)
     assert visible[..., 0].tolist() == [[0, 7, 14, 5], [109, 102, 111, 104]]
     cls, mask_token = torch.full((2, 1, 3), -1.0), torch.full((1, 1, 3), -7.0)
@@ -268,7 +271,7 @@ def test_skip_is_the_authors_concat_mlp():
     skip = randomise(M.SkipFuse(dec_dim=6, enc_dim=10), seed=3)
     g = torch.Generator().manual_seed(4)
     b, n, k = 2, 9, 3
-    ids_keep, ids_restore, _ = M.random_masking(n, 1 - k / n, torch.rand(b, n, generator=g))
+    ids_keep, ids_restore, _ = M.random_masking(torch.rand(b, n, generator=g), 1 - k / n)
     feature, x = torch.randn(b, 1 + k, 10, generator=g), torch.randn(b, 1 + n, 6, generator=g)
     full = torch.empty(b, 1 + n, 10)
     for i in range(b):
@@ -910,13 +913,14 @@ def test_flops_match_the_vit_b16_count():
     assert common.flops_per_image(cfg, 0.75) / 1e9 == pytest.approx(19.6, abs=0.1)
 
 
-@pytest.mark.parametrize("skips", [True, False])
-def test_flops_match_torch_flop_counter(skips):
+@pytest.mark.parametrize("overrides", [dict(decoder_skips=True), dict(decoder_skips=False),
+                                       dict(decoder_skips=True, depth=3)])  # odd: the last block feeds a skip too
+def test_flops_match_torch_flop_counter(overrides):
     """MFU's numerator against torch's own count of the matmuls run: FlopCounterMode at batch 2 less batch 1 is
     the per-image part (parts computed once per batch, e.g. the skip decoder's embedding of positions, drop out).
     Its SDPA rule does not cover the CPU kernel, so the attention products 4*T*T*d per block are added by hand."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = M.preset("vit_m4_32", decoder_skips=skips)
+    cfg = M.preset("vit_m4_32", **overrides)
     model, counted = M.MAE(cfg), []
     for b in (1, 2):
         with FlopCounterMode(display=False) as counter:
@@ -1035,7 +1039,7 @@ sys.path.insert(0, {here!r})
 import model, pretrain
 forward, calls = model.MAE.forward, [0]
 
-def poisoned(self, *args, **kwargs):  # rank 1's 6th training step (step 5) gets a NaN loss; rank 0's stays finite
+def poisoned(self, *args, **kwargs):  # rank 1's 6th training step gets a NaN loss; rank 0's stays finite
     loss, pred, mask = forward(self, *args, **kwargs)
     calls[0] += 1
     return (loss * float("nan") if os.environ["RANK"] == "1" and calls[0] == 6 else loss), pred, mask
@@ -1046,8 +1050,9 @@ pretrain.main(sys.argv[1:])
 
 
 def test_ddp_stops_every_rank_before_saving_after_a_non_finite_loss_on_one(tmp_path):
-    """A NaN loss on rank 1 at step 5 reaches rank 0's weights through the all-reduce, while rank 0's own loss
-    is still finite: the checkpoint due after step 6 must not be written, so ckpt.pt stays the good one of step 3."""
+    """A NaN loss on rank 1 at step 6 (as the log counts them) reaches rank 0's weights through the all-reduce,
+    while rank 0's own loss is still finite: the checkpoint due after step 6 must not be written, so ckpt.pt stays
+    the good one of step 3."""
     (tmp_path / "poison.py").write_text(POISON.format(here=HERE))
     root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)
     flags = ["--model", "vit_p4_32", "--data", root, "--max-steps", 8, "--batch-size", 8, "--save-every", 3,
@@ -1055,7 +1060,7 @@ def test_ddp_stops_every_rank_before_saving_after_a_non_finite_loss_on_one(tmp_p
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              "29518", tmp_path / "poison.py", *map(str, flags)], capture_output=True, text=True,
                             timeout=300, cwd=HERE)
-    assert result.returncode != 0 and "became non-finite at step 5" in result.stderr, result.stderr[-3000:]
+    assert result.returncode != 0 and "became non-finite at step 6" in result.stderr, result.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and all(v.isfinite().all() for v in ckpt["model"].values())
 
@@ -1393,6 +1398,21 @@ def test_resume_accepts_flags_that_say_what_the_checkpoint_holds(tmp_path):
     pretrain_here("--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--out-dir", tmp_path / "named")
     with pytest.raises(SystemExit):
         pretrain_here("--resume", "--out-dir", tmp_path / "named", "--data", "./glyphs")
+
+
+def test_resume_refuses_a_preset_edited_since_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """The flags rebuild the model from its preset; once that preset says otherwise, a resume would train another
+    network (same shapes: silently) or fail inside load_state_dict. Both end in one line naming the field."""
+    pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path)
+    for edit, named in ((dict(decoder_heads=4), "decoder_heads 4 (checkpoint: 2)"), (dict(depth=3), "depth 3")):
+        monkeypatch.setitem(M.PRESETS, "vit_p4_32", {**M.PRESETS["vit_p4_32"], **edit})
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            pretrain_here("--resume", "--out-dir", tmp_path)
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and named in err and "preset vit_p4_32" in err
+        monkeypatch.undo()
+    pretrain_here("--resume", "--out-dir", tmp_path)  # put back, it goes on
 
 
 def test_a_run_finds_its_image_folder_from_anywhere_and_after_a_move(tmp_path, monkeypatch, capsys):

@@ -25,6 +25,41 @@ def fail(message):
     sys.exit(2)
 
 
+class OutlivesItsReader:
+    """sys.stdout or sys.stderr that goes on once the pipe's reader has gone: `python pretrain.py | tee log`, then a
+    Ctrl-C, which ends tee too. The next print would raise BrokenPipeError before the run saved; from the first
+    such error on, the stream writes to /dev/null instead (log.jsonl and the JSON reports keep the record)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.to_devnull()
+
+    def to_devnull(self):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())  # what the stream still buffers goes there too, at its next flush
+        os.close(null)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def outlive_closed_pipes():
+    """For a script's entry point (not main(), which tests call under their own capture)."""
+    sys.stdout, sys.stderr = OutlivesItsReader(sys.stdout), OutlivesItsReader(sys.stderr)
+
+
 def stop_on_ctrl_c(main):
     """Run a script's main; Ctrl-C stops it with one line and exit 130, not a traceback (its files are written
     through temp files, so none is left half-written)."""
@@ -72,7 +107,17 @@ def iter_holding_signals(loader):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other bad input
-        fail(f"{message} (see --help)")
+        fail(f"{message}{self.compare_hint(message)} (see --help)")
+
+    def compare_hint(self, message):
+        """probe.py and rank.py: --compare takes every path after it, so the first checkpoint goes before it."""
+        if "--compare" not in self._option_string_actions:
+            return ""
+        if message.endswith("required: checkpoint"):
+            return "; the first checkpoint goes before --compare, which takes every path after it"
+        if message.startswith("unrecognized arguments:") and any(map(os.path.isfile, message.split()[2:])):
+            return "; to compare checkpoints, give the first, then --compare and the others"
+        return ""
 
 
 # ---- typed flags: argparse calls these on the text, and a refusal names the flag. None means "not given",
@@ -284,6 +329,18 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def plateau_note(loss, cfg, whose="the loss"):
+    """A line for a run that ends on MAE's early plateau, near the loss of predicting every hidden patch flat (its
+    own mean; in norm-pix units that is (d-1)/d for the d values of a patch, less on flat patches): there a probe
+    of the encoder can read below an untrained one's (README). None for a run past it, or without norm-pix."""
+    flat = 1 - 1 / (cfg.patch_size ** 2 * cfg.in_chans)
+    if cfg.norm_pix_loss and loss is not None and loss > 0.95 * flat:
+        return (f"note: {whose}, {loss:.3f}, is still near {flat:.3f}, what predicting each hidden patch flat gives: "
+                "the encoder has barely begun to learn, and a probe of it can read below an untrained one's; train "
+                "longer before comparing (README: the early plateau)")
+    return None
 
 
 # ---- output

@@ -36,10 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import device_data
-from common import (COMPILE_MODES, SEED, WORKERS, Parser, alpha_pairs, autocast, default_workers, describe_machine, fail,
-                    flops_per_image, fraction, iter_holding_signals, load_checkpoint, lr_at, nearest_folder, non_negative,
-                    non_negative_int, peak_flops, pick_device, positive, positive_int, real, rng_states, save_atomic,
-                    save_bytes, set_rng_states, try_writing_in)
+from common import (COMPILE_MODES, SEED, WORKERS, Parser, alpha_pairs, autocast, default_workers, describe_machine,
+                    fail, flops_per_image, fraction, iter_holding_signals, load_checkpoint, lr_at, nearest_folder,
+                    non_negative, non_negative_int, outlive_closed_pipes, peak_flops, pick_device, plateau_note,
+                    positive, positive_int, real, rng_states, save_atomic, save_bytes, set_rng_states, try_writing_in)
 from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -262,8 +262,9 @@ def resolve_resume(args, given):
     recorded = ckpt["args"] | {"img_size": ckpt["config"]["img_size"]}  # the args hold None for "the preset's size"
     clashes = [k for k in RUN_FLAGS if k in given and k in recorded and not same_flag(k, given[k], recorded[k])]
     if clashes:
-        why = (" (the lr schedule is fitted to the run's length, so --max-steps cannot change on resume: start a new "
-               "run with the cap you want)") if "max_steps" in clashes else ""
+        length = [f"--{k.replace('_', '-')}" for k in clashes if k in ("epochs", "max_steps")]
+        why = (f" (the lr schedule is fitted to the run's length, so {' and '.join(length)} cannot change on resume, "
+               "nor can a finished run be lengthened: start a new run with the length you want)") if length else ""
         fail(f"--resume: flags do not fit the checkpoint {path}: "
              + ", ".join(f"--{k.replace('_', '-')} {given[k]} (checkpoint: {recorded[k]})" for k in clashes)
              + f"; drop them to resume{why}")
@@ -348,7 +349,8 @@ def build(args, world):
     if args.compile_mode == "reduce-overhead" and args.accum_steps > 1:  # a replay would overwrite the summed grads
         fail("--compile-mode reduce-overhead cannot accumulate gradients: use --accum-steps 1 or another mode")
     if args.warmup_epochs > args.epochs:
-        fail(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): "
+        fail(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epoch"
+             f"{'' if args.epochs == 1 else 's'}): "
              "the lr would never reach its peak")
     if args.data not in data.DATASETS and os.path.isdir(args.data):
         args.data = os.path.abspath(args.data)  # so recorded: probe.py and --resume find it from any folder
@@ -450,6 +452,8 @@ def main(argv=None):
             print("  an image folder gets the paper's model, epochs and blr by default (vit_b16 at 224 px, 800 epochs, "
                   "blr 1.5e-4); a small folder wants glyphs' preset: --model vit_m4_32 --blr 1.5e-3 and fewer --epochs")
         schedule = "none" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule} to {cfg.alpha_min}"
+        if cfg.alpha_schedule == "none" and "alpha_min" in given:
+            schedule += f"; --alpha-min {cfg.alpha_min:g} does nothing under it"
         print(f"  encoder shortcut weights (attn, mlp) per block, {schedule}: "
               + alpha_pairs(encoder_alphas(cfg.depth, cfg.alpha_schedule, cfg.alpha_min)))
         if cfg.decay_as_lr:
@@ -509,13 +513,14 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         items.epoch = epoch
-        first = start * args.accum_steps  # micro-batches of this epoch already done
+        micro_done = start * args.accum_steps  # micro-batches of this epoch already done
         if fast:  # whole global batches, each sliced per rank on the device
-            order = torch.tensor(epoch_order(len(items), args.seed, epoch, first, args.batch_size, args.accum_steps, 0, 1))
-            batches = (fast.batch(index, args.seed, epoch, first + b, n_patches, rank, world)
+            order = torch.tensor(epoch_order(len(items), args.seed, epoch, micro_done, args.batch_size, args.accum_steps,
+                                             0, 1))
+            batches = (fast.batch(index, args.seed, epoch, micro_done + b, n_patches, rank, world)
                        for b, index in enumerate(order.view(-1, args.batch_size)))
         else:
-            order = epoch_order(len(items), args.seed, epoch, first, args.batch_size, args.accum_steps, rank, world)
+            order = epoch_order(len(items), args.seed, epoch, micro_done, args.batch_size, args.accum_steps, rank, world)
             batches = torch.utils.data.DataLoader(torch.utils.data.Subset(items, order), batch_size=args.batch_size // world,
                                                   num_workers=args.workers, pin_memory=cuda,  # this process's share
                                                   worker_init_fn=ignore_stop_signals)
@@ -563,10 +568,10 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                 loss_sum.zero_()
                 t_wall = now
             if save_now and master:
-                save(model, optimizer, scaler, args, epoch, step, len(train_set), ckpt_path)
+                save(model, optimizer, scaler, args, epoch, step, len(train_set), mean_loss, ckpt_path)
             if keep_now and master:
                 kept_path = os.path.join(args.out_dir, f"ckpt_epoch{epoch + 1:03d}.pt")
-                save(model, optimizer, scaler, args, epoch, step, len(train_set), kept_path)
+                save(model, optimizer, scaler, args, epoch, step, len(train_set), mean_loss, kept_path)
             if master and end_of_epoch and ((epoch + 1) % max(1, epochs // 10) == 0 or step >= total):  # ten per run
                 reconstruction_grid(model, show_imgs, show_noise, data.MEAN_STD[data.own_stats(args.data)],
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
@@ -586,20 +591,8 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             else "finished before this command: nothing left to train"
         print(f"done: step {step} of {total} ({session}); checkpoint {ckpt_path}\n"
               f"next: python probe.py {shlex.quote(ckpt_path)}   and   python rank.py {shlex.quote(ckpt_path)}")
-        if note := plateau_note(mean_loss, cfg):
+        if note := plateau_note(mean_loss if step > first_step else (ckpt or {}).get("loss"), cfg):
             print(note)
-
-
-def plateau_note(loss, cfg):
-    """A line for a run that ends on MAE's early plateau, near the loss of predicting every hidden patch flat (its
-    own mean; in norm-pix units that is (d-1)/d for the d values of a patch, less on flat patches): there a probe
-    of the encoder can read below an untrained one's (README). None for a run past it, or without norm-pix."""
-    flat = 1 - 1 / (cfg.patch_size ** 2 * cfg.in_chans)
-    if cfg.norm_pix_loss and loss is not None and loss > 0.95 * flat:
-        return (f"note: the loss, {loss:.3f}, is still near {flat:.3f}, what predicting each hidden patch flat gives: the "
-                "encoder has barely begun to learn, and a probe of it can read below an untrained one's; train longer "
-                "before comparing (README: the early plateau)")
-    return None
 
 
 def duration(seconds):
@@ -619,24 +612,25 @@ def stop_if_not_finite(bad_step, lr, ckpt_path, master, world, weights_after=Non
     process reaches the other processes' weights one step later, so they agree on the first bad step. With
     weights_after = (model, step), the weights are checked too: a finite loss can still leave non-finite
     weights (an overflowing gradient), and those must never be saved."""
-    first = torch.where(bad_step < 0, 2**62, bad_step)
+    bad = torch.where(bad_step < 0, 2**62, bad_step)
     if weights_after is not None:
         model, step = weights_after
         finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-        first = torch.where(finite, first, torch.clamp(first, max=step - 1))
+        bad = torch.where(finite, bad, torch.clamp(bad, max=step - 1))
     if world > 1:
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    if (first := first.item()) < 2**62:
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    if (bad := bad.item()) < 2**62:
         if master:
             last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            print(f"error: the loss or the weights became non-finite at step {first + 1} (lr {lr:.2e}); stopping; "
+            print(f"error: the loss or the weights became non-finite at step {bad + 1} (lr {lr:.2e}); stopping; "
                   f"{last}; try a lower --blr or a larger --alpha-min", file=sys.stderr)
         sys.exit(1)
 
 
-def save(model, optimizer, scaler, args, epoch, step, n_train, path):
+def save(model, optimizer, scaler, args, epoch, step, n_train, loss, path):
+    """loss: the mean over the log interval that ends here, for probe.py and rank.py's plateau note."""
     state = model.checkpoint(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args).copy(),
-                             epoch=epoch, step=step, n_train=n_train, rng=rng_states())
+                             epoch=epoch, step=step, n_train=n_train, loss=loss, rng=rng_states())
     try:
         save_atomic(state, path)
     except OSError as e:
@@ -671,6 +665,7 @@ def log_record(line):
 
 
 if __name__ == "__main__":
+    outlive_closed_pipes()
     if "RANK" not in os.environ:  # under torchrun: once the processes have met (setup_distributed)
         catch_stop_signals()
     try:

@@ -22,8 +22,9 @@ from einops import rearrange
 import data
 from model import MAE
 from common import (WORKERS, Parser, autocast, beside, default_workers, fail, iter_holding_signals, json_file,
-                    load_checkpoint, lr_at, non_negative_int, note_if_replacing, one_thread, pick_device, positive,
-                    positive_int, pyplot, save_figure, save_json, stop_on_ctrl_c, writable)
+                    load_checkpoint, lr_at, non_negative_int, note_if_replacing, one_thread, outlive_closed_pipes,
+                    pick_device, plateau_note, positive, positive_int, pyplot, save_figure, save_json, stop_on_ctrl_c,
+                    writable)
 
 # Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -367,6 +368,11 @@ def epochs_done(ckpt):
         return None
 
 
+def trained_for(epochs):
+    """', 2 epochs trained' for the reports' lines; '' for weights not from pretrain.py."""
+    return "" if epochs is None else f", {round(epochs, 3):g} epoch{'' if epochs == 1 else 's'} trained"
+
+
 def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     start = time.time()
     cfg, device = model.config, pick_device(args.device)
@@ -376,12 +382,13 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     recipe = probe_recipe(args)
     megabytes = sum(map(len, splits.values())) * len(layers) * len(POOLINGS) * cfg.width * 4 / 2**20
     done = epochs_done(ckpt)
-    trained = "" if done is None else f", {round(done, 3):g} epochs trained"
     where = {} if name in data.DATASETS else {"test": " (its val/)", "val": " (from train/)"}  # an image folder's
-    print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}{trained}; {name}: "
+    print(f"{path}: {cfg.depth} blocks x {cfg.width}, schedule {schedule_label(cfg)}{trained_for(done)}; {name}: "
           + " / ".join(f"{len(split)} {s}{where.get(s, '')}" for s, split in splits.items())
           + f" images (seeded samples, seed 0); {device}, {precision_name(device, args.precision)}; "
             f"feature cache {megabytes:.0f} MB" + stats_note(name, stats))
+    if note := plateau_note(ckpt.get("loss"), cfg, f"{path}'s last pretraining loss"):
+        print(note)
     seconds = {"setup": time.time() - start}
     try:
         feats = {s: extract_features(model, make_loader(split, args.batch_size, device, args.workers), device, layers,
@@ -413,15 +420,15 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
 def print_comparison(reports):
     first = reports[0]["layers"]
     print("\nmean pooling, test accuracy %, LP / k-NN; in brackets the difference to the first checkpoint")
-    print(f"{'block':>5}  " + "  ".join(f"{f'[{i}]':>25}" for i in range(len(reports))))
-    for k, row in enumerate(first):
+    print((f"{'block':>5}  " + "  ".join([f"{'[0]':>13}"] + [f"{f'[{i}]':>13}{'':14}" for i in range(1, len(reports))])).rstrip())
+    for k, row in enumerate(first):  # values right-aligned, differences after them left-aligned
         cells = [f"{r['layers'][k]['lp_mean']:5.1f} / {r['layers'][k]['knn_mean']:5.1f}" for r in reports]
-        cells[1:] = [cell + f" ({r['layers'][k]['lp_mean'] - row['lp_mean']:+.1f}/{r['layers'][k]['knn_mean'] - row['knn_mean']:+.1f})"
+        cells[1:] = [cell + f" ({r['layers'][k]['lp_mean'] - row['lp_mean']:+.1f}/{r['layers'][k]['knn_mean'] - row['knn_mean']:+.1f})".ljust(14)
                      for cell, r in zip(cells[1:], reports[1:])]
-        print(f"{row['layer']:>5}  " + "  ".join(f"{cell:>25}" for cell in cells))
+        print((f"{row['layer']:>5}  " + "  ".join(cells)).rstrip())
     for i, report in enumerate(reports):
         headline = describe_headline(report["headline"], report["config"]["depth"])
-        print(f"  [{i}] {report['label']}: {report['checkpoint']}\n      {headline}")
+        print(f"  [{i}] {report['label']}{trained_for(report['epochs_done'])}: {report['checkpoint']}\n      {headline}")
 
 
 def main(argv=None):
@@ -443,4 +450,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    outlive_closed_pipes()
     stop_on_ctrl_c(main)

@@ -17,9 +17,11 @@ import torch
 
 import data
 from common import (Parser, alpha_pairs, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread,
-                    pick_device, pyplot, save_figure, save_json, stop_on_ctrl_c, writable)
-from probe import (PRECISIONS, add_common_args, add_precision_arg, data_source, extract_features, get_split,
-                   input_stats, load_model, make_loader, precision_name, schedule_label, stats_note)
+                    outlive_closed_pipes, pick_device, plateau_note, pyplot, save_figure, save_json, stop_on_ctrl_c,
+                    writable)
+from probe import (PRECISIONS, add_common_args, add_precision_arg, data_source, epochs_done, extract_features,
+                   get_split, input_stats, load_model, make_loader, precision_name, schedule_label, stats_note,
+                   trained_for)
 
 COLUMNS = {"cls": "cls token, N images", "mean": "patch mean, N images", "tokens": "each image's tokens, mean over M"}
 
@@ -88,14 +90,14 @@ def print_comparison(results):
     """Patch-mean rank per block, side by side, with each checkpoint's difference to the first."""
     ranks = [{r["layer"]: r["mean"] for r in result["layers"]} for result in results]
     print(f"\npatch mean, effective rank over {results[0]['n_images']} images; in brackets the difference to [0]")
-    print(f"{'block':>5}  " + "  ".join(f"{f'[{i}]':>17}" for i in range(len(results))))
-    for layer in sorted(set().union(*ranks)):
-        cells = [f"{rank[layer]:.2f}" if layer in rank else "-" for rank in ranks]
-        cells[1:] = [cell + (f" ({rank[layer] - ranks[0][layer]:+.2f})" if layer in rank and layer in ranks[0] else "")
-                     for cell, rank in zip(cells[1:], ranks[1:])]
-        print(f"{layer:>5}  " + "  ".join(f"{cell:>17}" for cell in cells))
+    print(f"{'block':>5}  " + "  ".join([f"{'[0]':>7}"] + [f"{f'[{i}]':>7}{'':10}" for i in range(1, len(results))]).rstrip())
+    for layer in sorted(set().union(*ranks)):  # values right-aligned, differences after them left-aligned
+        cells = [f"{rank[layer]:7.2f}" if layer in rank else f"{'-':>7}" for rank in ranks]
+        cells[1:] = [cell + (f" ({rank[layer] - ranks[0][layer]:+.2f})" if layer in rank and layer in ranks[0]
+                             else "").ljust(10) for cell, rank in zip(cells[1:], ranks[1:])]
+        print((f"{layer:>5}  " + "  ".join(cells)).rstrip())
     for i, result in enumerate(results):
-        print(f"  [{i}] {result['label']}: {result['checkpoint']}")
+        print(f"  [{i}] {result['label']}{trained_for(result['epochs_done'])}: {result['checkpoint']}")
 
 
 def plot_ranks(results, path):
@@ -140,13 +142,16 @@ def main(argv=None):
     for path, model, ckpt in models:
         stats = input_stats(ckpt)
         print(describe(path, model) + stats_note(name, stats))
+        if note := plateau_note(ckpt.get("loss"), model.config, f"{path}'s last pretraining loss"):
+            print(note)
         images = get_split(name, "test", model.config.img_size, root, args.n, args.download, stats)
         try:
             rows, n_tokens = rank_profile(model, make_loader(images, args.batch_size, device, args.workers), device,
                                           args.n_tokens, PRECISIONS[args.precision])
         except data.DataError as error:
             fail(str(error))
-        results.append({"checkpoint": path, "label": schedule_label(model.config), "normalised_with": stats,
+        results.append({"checkpoint": path, "label": schedule_label(model.config), "epochs_done": epochs_done(ckpt),
+                        "normalised_with": stats,
                         "n_images": len(images), "n_token_images": n_tokens, "alphas": model.alphas, "layers": rows})
     for result in results:
         print_table(result)
@@ -161,4 +166,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    outlive_closed_pipes()
     stop_on_ctrl_c(main)

@@ -1161,6 +1161,22 @@ def test_ctrl_c_saves_the_step_under_way_and_resumes_to_identical_weights(tmp_pa
     resumes_to_the_whole_run(out, whole_run, stopped_at)
 
 
+def test_a_run_piped_into_tee_saves_on_ctrl_c_though_tee_is_gone(tmp_path):
+    """`python pretrain.py | tee log`, then Ctrl-C, which ends tee too: the next print went to a pipe without a
+    reader and raised BrokenPipeError before the save. The run's output now goes nowhere, and the run saves."""
+    out = tmp_path / "piped"
+
+    def reader_gone_then_ctrl_c(proc):
+        proc.stdout.close()
+        os.killpg(proc.pid, signal.SIGINT)
+
+    code, _, stderr = stop_run(out, reader_gone_then_ctrl_c)
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert code == 130 and stderr.strip().splitlines() == [
+        f"stopped by Ctrl-C after step {stopped_at}, saved to {out / 'ckpt.pt'}; the same command with --resume goes "
+        "on from there"], stderr
+
+
 def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_path):
     """What `timeout` or a cluster's scheduler at its time limit sends: SIGTERM to the whole process group, loader
     workers included, here twice. The step under way is saved and the run exits 143 with one line; the second
@@ -1565,16 +1581,17 @@ def test_the_closing_line_counts_this_sessions_steps(tmp_path, capsys):
     pretrain_here("--resume", "--out-dir", out)  # a finished run: said so, and nothing written
     printed = capsys.readouterr().out
     assert "done: step 2 of 2 (finished before this command: nothing left to train)" in printed
-    assert (out / "ckpt.pt").read_bytes() == before and "note:" not in printed
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert "note: the loss, 0.9" in printed  # from the loss the checkpoint keeps
 
 
 def test_the_plateau_note_is_for_runs_near_the_flat_prediction():
     """In norm-pix units a flat prediction of a 4 x 4 x 3 patch costs (48 - 1) / 48 = 0.979; the default run's
     plateau is 0.965 (README), its end 0.77."""
     cfg = M.preset("vit_m4_32")
-    assert "still near 0.979" in pretrain.plateau_note(0.965, cfg)
-    assert pretrain.plateau_note(0.77, cfg) is None and pretrain.plateau_note(None, cfg) is None
-    assert pretrain.plateau_note(0.965, M.preset("vit_m4_32", norm_pix_loss=False)) is None
+    assert "still near 0.979" in common.plateau_note(0.965, cfg)
+    assert common.plateau_note(0.77, cfg) is None and common.plateau_note(None, cfg) is None
+    assert common.plateau_note(0.965, M.preset("vit_m4_32", norm_pix_loss=False)) is None
 
 
 def test_a_report_about_to_be_replaced_is_named(tmp_path, capsys):
@@ -1689,6 +1706,19 @@ def finished_run(tmp_path_factory):
     return out
 
 
+def test_probe_and_rank_say_when_a_checkpoint_ended_on_the_early_plateau(finished_run, tmp_path):
+    """Two steps end near the flat prediction's loss (0.979 for vit_p4_32): probe.py and rank.py say so, as pretrain.py
+    did, from the loss the checkpoint keeps. The same weights with a loss past the plateau get no note."""
+    plateau = finished_run / "run" / "ckpt.pt"
+    past = torch.load(plateau, weights_only=True) | {"loss": 0.8}
+    torch.save(past, tmp_path / "ckpt.pt")
+    for script, sample in ((PROBE, ["--n-train", 8, "--n-val", 4, "--n-test", 4, "--epochs", 1, "--layers", 1]),
+                           (RANK, ["--n", 8, "--n-tokens", 2])):
+        for path, noted in ((plateau, True), (tmp_path / "ckpt.pt", False)):
+            stdout = call(script, path, *sample, "--out", tmp_path / "report.json").stdout
+            assert (f"note: {path}'s last pretraining loss, 0.9" in stdout) is noted, stdout
+
+
 @pytest.mark.parametrize("script", ["probe.py", "rank.py", "bench.py"])
 def test_ctrl_c_stops_probe_rank_and_bench_in_one_line(tmp_path, finished_run, monkeypatch, script):
     """Ctrl-C (KeyboardInterrupt, here raised as the device is picked) ends in one line and exit 130, as in
@@ -1768,11 +1798,16 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{tmp}/edited/ckpt.pt", "{tmp}/edited/ckpt.pt: trained with alpha schedule 'linear' giving 0.9655"),
     (PRETRAIN, "--compile-mode reduce-overhead --accum-steps 2", "--compile-mode reduce-overhead cannot accumulate"),
     (PRETRAIN, "--resume {tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
+    (RANK, "--compare {run}/ckpt.pt", "required: checkpoint; the first checkpoint goes before --compare"),
+    (PROBE, "{run}/ckpt.pt {run}/ckpt.pt", "; to compare checkpoints, give the first, then --compare and the others"),
+    (PROBE, "{run}/ckpt.pt --n-trian 5", "unrecognized arguments: --n-trian 5 (see --help)"),  # no hint: a typo
     (PRETRAIN, "--resume {tmp}/notes.txt", "is not a checkpoint"),
     (PRETRAIN, "--resume --out-dir {run} --alpha-min 0.7", "flags do not fit the checkpoint"),
     (PRETRAIN, "--resume --out-dir {tmp}/fresh", "nothing to resume in {tmp}/fresh"),
     (PRETRAIN, "--resume --out-dir {run} --max-steps 4", "--max-steps 4 (checkpoint: 2); drop them to resume (the lr "
      "schedule is fitted to the run's length, so --max-steps cannot change on resume"),
+    (PRETRAIN, "--resume --out-dir {run} --epochs 7", "so --epochs cannot change on resume, nor can a finished run be "
+     "lengthened"),
     (PRETRAIN, "--out-dir {run}", "--out-dir {run} already holds a run (ckpt.pt): add --resume"),  # nothing overwritten
     (PRETRAIN, "--out-dir {tmp}/kept", "--out-dir {tmp}/kept already holds a run (ckpt_epoch002.pt)"),
     (PRETRAIN, "--resume {tmp}/shallow.pt --out-dir {run}", "already holds another run (ckpt.pt): resuming"),

@@ -33,10 +33,10 @@ def build_parser():
     a("--mask-ratio", type=fraction, default=0.75, help="in (0, 1) (default: 0.75)")
     a("--batch-size", type=positive_int, help="default: 256 on CUDA, else 128")
     a("--steps", type=positive_int, default=20, help="timed steps or batches (default: 20)")
-    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name (default: auto)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile ours (default: on CUDA only)")
     a("--compile-mode", choices=COMPILE_MODES, default="default",
-      help="torch.compile mode, a speed lever to time (max-autotune compiles for minutes)")
+      help="torch.compile mode, a speed lever to time (max-autotune compiles for minutes; default: default)")
     a("--profile", action="store_true", help="then profile a few of our steps: the kernels that take the time")
     a("--loader", action="store_true", help="time the data loader alone (decode + augmentation + mask noise)")
     a("--data", default=data.EMBEDDED, help=f"with --loader: {data.EMBEDDED} (default), a dataset name or an ImageFolder root")
@@ -134,9 +134,9 @@ def bench_steps(args, cfg, device):
     """{label: images per second} for ours and, if timm is installed, the timm-Block reference."""
     imgs = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     flops, peak = 3 * flops_per_image(cfg, cfg.mask_ratio), peak_flops(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})"
     print(f"bench: {name}, {args.model}, batch {args.batch_size}, mask {cfg.mask_ratio}, skips {cfg.decoder_skips}, "
-          f"{flops / 1e9:.1f} GFLOPs per image per step (forward {flops / 3e9:.1f})")
+          f"{flops / 1e9:.3g} GFLOPs per image per step (forward {flops / 3e9:.3g})")
     ours = MAE(cfg)
     label = "ours " + (f"compiled ({args.compile_mode})" if args.compile else "eager")
     variants = [(label, torch.compile(ours, mode=args.compile_mode) if args.compile else ours)]
@@ -199,8 +199,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     cuda, embedded = device.type == "cuda", args.data == data.EMBEDDED
-    if args.model is None:  # the step benchmark on CUDA is about ViT-B/16; the loader's model only sets the image size
-        args.model = CPU_PRESET if embedded and (args.loader or not cuda) else "vit_b16"
+    if args.model is None:  # steps (synthetic data): ViT-B/16 on CUDA; the loader: pretrain.py's model for the data (its image size)
+        args.model = (CPU_PRESET if embedded else "vit_b16") if args.loader else ("vit_b16" if cuda else CPU_PRESET)
     if args.batch_size is None:
         args.batch_size = 256 if cuda else 128
     if args.compile is None:

@@ -57,7 +57,10 @@ class OutlivesItsReader:
 
 def outlive_closed_pipes():
     """For a script's entry point (not main(), which tests call under their own capture)."""
-    sys.stdout, sys.stderr = OutlivesItsReader(sys.stdout), OutlivesItsReader(sys.stderr)
+    if sys.stdout is not None:  # None: started with the descriptor closed, and print() then writes nothing
+        sys.stdout = OutlivesItsReader(sys.stdout)
+    if sys.stderr is not None:
+        sys.stderr = OutlivesItsReader(sys.stderr)
 
 
 def stop_on_ctrl_c(main):

@@ -204,7 +204,8 @@ def _checked_folder(data):
 
 
 def own_stats(data):
-    """The MEAN_STD key a data set is normalised with: its own, "imagenet" for an image folder (or None)."""
+    """The MEAN_STD key a data set is normalised with: its own; "imagenet" for an image folder, and for None (public
+    weights, whose data is not recorded)."""
     return data if data in MEAN_STD else "imagenet"
 
 

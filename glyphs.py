@@ -4,7 +4,7 @@ textured object and background, pixel noise). Generated from a seed in seconds, 
 cached on disk. data.py serves it like any other dataset; this file is only how it is drawn (as nanoGPT keeps a
 dataset's preparation apart from training).
 
-    python glyphs.py results/data_preview.png      # time the generator, save 16 images per class
+    python glyphs.py results/glyphs/preview.png    # time the generator, save 16 images per class
 """
 import functools
 import hashlib

@@ -228,6 +228,12 @@ class SkipFuse(nn.Module):
         return x + self.fc2(self.act(self.fc1_dec(x) + self.fc1_enc(full)))
 
 
+def standard_strides(grad):
+    """The decoder cls token's gradient is a slice of the torch.cat in decode(), with its strides; DDP expects a
+    parameter's own and warned ("Grad strides do not match bucket view strides") at every torchrun start."""
+    return grad.clone(memory_format=torch.contiguous_format)
+
+
 def skip_blocks(cfg):
     """The encoder blocks that feed the decoder's skips, deepest first: the last and every second one below it (11,
     9, ..., 1 of 12), one per decoder block at most; none without skips. Counted from the last, so that an odd depth
@@ -244,6 +250,7 @@ class MAE(nn.Module):
         self.register_buffer("decoder_pos_embed", with_cls_slot(sincos_pos_embed(dd, grid)), persistent=False)
         if cfg.decoder_skips:  # the decoder starts from positions alone and reads every second encoder block
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, dd))
+            self.decoder_cls_token.register_hook(standard_strides)
             self.decoder_embed = nn.Linear(dd, dd)
             self.skips = nn.ModuleList(SkipFuse(dd, cfg.width) for _ in self.skip_blocks)
         else:  # plain MAE: the decoder reads the encoder output, hidden places filled by a mask token

@@ -201,16 +201,17 @@ def build_parser():
     a("--download", action="store_true", default=None, help="let torchvision download a named dataset")
     a("--data-root", help="where torchvision datasets live (default: ./data)")
     a("--epochs", type=positive_int, help=f"default: {CPU_EPOCHS} on the embedded data, else 800")
-    a("--max-steps", type=positive_int, help="cap on optimizer steps; the lr schedule is fitted to the capped run")
+    a("--max-steps", type=positive_int, help="cap on optimizer steps; the lr schedule is fitted to the capped run (default: none)")
     a("--batch-size", type=positive_int, help="GLOBAL batch per micro-step, split over processes (default: 128 on CPU, 256 on GPU)")
-    a("--accum-steps", type=positive_int, help="micro-steps per optimizer step; effective batch = batch-size * accum-steps")
+    a("--accum-steps", type=positive_int, help="micro-steps per optimizer step; effective batch = batch-size * accum-steps "
+      "(default: 1)")
     a("--blr", type=positive, help="base lr; lr = blr * effective batch / 256 (default: 1.5e-4, the MAE recipe; "
                                 "1.5e-3 for the short embedded-data runs)")
     a("--weight-decay", type=non_negative, help="AdamW weight decay on matrices (default: 0.05)")
     a("--warmup-epochs", type=non_negative, help="linear warm-up length (default: 5%% of the epochs, 40 of 800)")
     a("--seed", type=SEED, help="a whole number from 0 to 2**32 - 1 (default: 0)")
     a("--out-dir", help="checkpoint, log and pictures go here (default: out)")
-    a("--device", help="auto (cuda, then mps, then cpu), or a torch device name")
+    a("--device", help="auto (cuda, then mps, then cpu), or a torch device name (default: auto)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on CUDA only)")
     a("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode, implies --compile: reduce-overhead (CUDA "
       "graphs) suits small models whose steps wait on kernel launches (default: torch's default)")
@@ -219,7 +220,8 @@ def build_parser():
     a("--resume", nargs="?", const="auto", help="continue a run: a checkpoint (the run goes on in its folder unless "
       "--out-dir says otherwise), or (no value) the ckpt.pt in --out-dir")
     a("--workers", type=WORKERS, help="data loader processes (default: 0 on CPU, 8 on GPU)")
-    a("--log-every", type=positive_int, help="optimizer steps between log lines (default: 20)")
+    a("--log-every", type=positive_int, help="optimizer steps between log lines; every save and epoch end logs too "
+      "(default: 20)")
     a("--save-every", type=non_negative_int, help="checkpoint every N optimizer steps instead of at each epoch end; 0: "
       "only at the end (default: each epoch end; the last step always)")
     a("--keep-every", type=non_negative_int, help="also keep ckpt_epochNNN.pt every N epochs, to probe the run's trajectory (default: 0, none)")
@@ -360,7 +362,9 @@ def build(args, world):
                                      download=args.download, root=args.data_root)
         held_out = data.get_dataset(args.data, "test", cfg.img_size, train_aug=False, root=args.data_root)
         train_set[0]  # a folder of files that cannot be decoded fails here, not inside the loop
-        preview = torch.stack([held_out[i][0] for i in range(min(8, len(held_out)))])  # the reconstruction figures'
+        # the reconstruction figures' images, spread over the split: a folder's val/ is sorted by class
+        spread = torch.linspace(0, len(held_out) - 1, min(8, len(held_out))).long().tolist()
+        preview = torch.stack([held_out[i][0] for i in spread])
     except data.DataError as e:
         fail(str(e))
     if len(train_set) < args.batch_size * args.accum_steps:
@@ -448,9 +452,11 @@ def main(argv=None):
               f"data {args.data}; device {device}; {world} process(es)")
         threads = f"; {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
         print(f"  on {describe_machine(device)}{threads} (the last digits of a run depend on these)")
-        if ckpt is None and args.data not in data.DATASETS and "model" not in given:
-            print("  an image folder gets the paper's model, epochs and blr by default (vit_b16 at 224 px, 800 epochs, "
-                  "blr 1.5e-4); a small folder wants glyphs' preset: --model vit_m4_32 --blr 1.5e-3 and fewer --epochs")
+        if ckpt is None and args.data != data.EMBEDDED and "model" not in given:
+            kind = "an image folder" if args.data not in data.DATASETS else "a torchvision set"
+            print(f"  {kind} gets the paper's model, epochs and blr by default (vit_b16 at 224 px, 800 epochs, "
+                  "blr 1.5e-4); small images or a small set want glyphs' preset: --model vit_m4_32 --blr 1.5e-3 and "
+                  "fewer --epochs")
         schedule = "none" if cfg.alpha_schedule == "none" else f"{cfg.alpha_schedule} to {cfg.alpha_min}"
         if cfg.alpha_schedule == "none" and "alpha_min" in given:
             schedule += f"; --alpha-min {cfg.alpha_min:g} does nothing under it"
@@ -589,8 +595,10 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     if master:
         session = f"{step - first_step} in this session, {(time.time() - t_start) / 60:.1f} min" if step > first_step \
             else "finished before this command: nothing left to train"
+        unsaved_move = ckpt is not None and step == first_step and ckpt["args"].get("data") != args.data  # --data NEW
+        where = f" --data {shlex.quote(args.data)}" if unsaved_move else ""
         print(f"done: step {step} of {total} ({session}); checkpoint {ckpt_path}\n"
-              f"next: python probe.py {shlex.quote(ckpt_path)}   and   python rank.py {shlex.quote(ckpt_path)}")
+              f"next: python probe.py {shlex.quote(ckpt_path)}{where}   and   python rank.py {shlex.quote(ckpt_path)}{where}")
         if note := plateau_note(mean_loss if step > first_step else (ckpt or {}).get("loss"), cfg):
             print(note)
 

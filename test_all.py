@@ -1015,6 +1015,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                              "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
+    assert "Grad strides do not match" not in result.stderr  # DDP's warning about the decoder cls token's slice
     logged_one, logged_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")  # the whole batch's loss, not rank 0's
     assert [e["loss"] for e in logged_two] == pytest.approx([e["loss"] for e in logged_one], rel=1e-6)
     one, rank0, rank1 = (torch.tensor(json.loads((tmp_path / d / f"order{r}.json").read_text())[0])
@@ -1451,6 +1452,8 @@ def test_a_run_finds_its_image_folder_from_anywhere_and_after_a_move(tmp_path, m
     with pytest.raises(SystemExit):
         pretrain_here("--resume", ckpt_path, "--data", "other")  # 14 images, not the run's 12
     assert "the run trained on 12 images, the data now holds 14" in capsys.readouterr().err
+    pretrain_here("--resume", ckpt_path, "--data", "moved")  # finished: nothing saved, so probe.py needs the flag too
+    assert f"next: python probe.py {ckpt_path} --data {tmp_path / 'moved'}" in capsys.readouterr().out
     more = torch.load(ckpt_path, weights_only=True)
     more["args"]["max_steps"] = 2  # one step left to go
     torch.save(more, ckpt_path)
@@ -1704,6 +1707,12 @@ def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
     pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", out / "run")
     return out
+
+
+def test_reports_say_how_long_a_checkpoint_trained():
+    """3 steps of a 6250-step epoch are not "0 epochs"; one epoch is singular; weights not from pretrain.py say nothing."""
+    assert [probe.trained_for(e) for e in (3 / 6250, 1.0, 0.385, 2, None)] == [
+        ", 0.00048 epochs trained", ", 1 epoch trained", ", 0.385 epochs trained", ", 2 epochs trained", ""]
 
 
 def test_probe_and_rank_say_when_a_checkpoint_ended_on_the_early_plateau(finished_run, tmp_path):
@@ -2497,6 +2506,16 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
     assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no summary" in empty.stderr
 
 
+def test_the_overlay_gap_pairs_log_lines_by_step():
+    """A run resumed from a stop at step 30 logs a line there that its twin has not: paired by position, every later
+    line would be compared with another step's."""
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    from decay_as_lr import max_gap
+    whole = [(20, 0.96), (40, 0.90), (60, 0.85)]
+    resumed = [(20, 0.96), (30, 0.93), (40, 0.91), (60, 0.85)]
+    assert max_gap(whole, resumed) == pytest.approx(0.01)
+
+
 def test_study_arm_names_give_their_flags():
     sys.path.insert(0, os.path.join(HERE, "results"))
     from study import arm_flags
@@ -2590,6 +2609,8 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
     other = call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--seed", 7, "--out", tmp_path / "c",
                  check=False)  # seed 0's runs must not be measured as seed 7's
     assert other.returncode == 2 and "made with --seed 0" in other.stderr and len(other.stderr.splitlines()) == 1
+    uneven = call("results/curve.py", "--arms", "none", "--epochs", 10, "--every", 4, "--out", tmp_path / "u", check=False)
+    assert uneven.returncode == 2 and "--every 4 must divide --epochs 10" in uneven.stderr  # epoch 10 never kept
     assert json.loads((tmp_path / "c" / "curve.json").read_text()) == summary
     run_dir = tmp_path / "c" / "runs" / "none"  # a begun run whose ckpt.pt was not brought back (a GPU loan's)
     for name in ("ckpt.pt", "probe_e002.json", "rank_e002.json"):

@@ -146,6 +146,8 @@ def main():
     for stage in ("pretrain", "probe", "rank"):
         p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string")
     args = p.parse_args()
+    if args.epochs % args.every:  # pretrain.py keeps whole multiples of --keep-every: the last epoch would go unmeasured
+        fail(f"--every {args.every} must divide --epochs {args.epochs}, so that the last epoch is kept and measured")
     try:
         args.arm_blr = {arm: float(blr) for arm, blr in (pair.split("=") for pair in args.arm_blr)}
     except ValueError:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study import machine, resume_flag, sh  # noqa: E402
+from study import machine, resume_flag, sh, stop_in_one_line  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -79,6 +79,13 @@ def losses(folder):
     return [(e["step"], e["loss"]) for e in map(json.loads, open(os.path.join(folder, "log.jsonl")))]
 
 
+def max_gap(curve_a, curve_b):
+    """The largest loss difference at a step both curves logged ((step, loss) pairs): a resumed run's log has a line
+    where it stopped, which the other run's may not, so lines are paired by step, not by position."""
+    loss_a, loss_b = dict(curve_a), dict(curve_b)
+    return max(abs(loss_a[s] - loss_b[s]) for s in loss_a.keys() & loss_b.keys())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "decay_as_lr"))
@@ -104,7 +111,7 @@ def main():
     probe_gap = probe_same_function(folders["decayed"], args.out)
     sh("probe.py", os.path.join(folders["decayed"], "ckpt.pt"), "--compare", os.path.join(folders["decay as lr"], "ckpt.pt"),
        "--out", os.path.join(args.out, "probe_twins.json"), log=os.path.join(args.out, "probe_twins.log"))
-    gap = lambda a, b: max(abs(x[1] - y[1]) for x, y in zip(curves[a], curves[b]))
+    gap = lambda a, b: max_gap(curves[a], curves[b])
     summary = {"machine": machine(), "pretrain_args": args.pretrain_args, "forms": FORMS,
                "final_loss": {form: curve[-1][1] for form, curve in curves.items()},
                "max_gap_decayed_vs_as_lr": gap("decayed", "decay as lr"),
@@ -125,4 +132,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    stop_in_one_line(main)

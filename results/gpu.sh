@@ -3,7 +3,8 @@
 #   bash results/gpu.sh OUT_DIR ["STAGE STAGE ..." | all]   (OUT_DIR gets gpu-<stages>.log and gpu_results.tar.gz)
 # bench: ViT-B/16 224 px batch 256 bf16, ours eager and compiled beside the timm-Block MAE run eagerly, then
 #        bench.py --loader on an ImageFolder of JPEGs it writes, 16 workers (about 4 minutes)
-# mfu: the compiled half of bench alone: ours compiled vs timm eager, one run, then a profile of our step (about 100 s)
+# mfu: the compiled half of bench alone: ours compiled vs timm eager, one run, then a profile of our step (about 100 s);
+#      skipped beside bench (as under all), whose compiled run gives the same numbers, without the profile
 # fast (issue 14): vit_m4_32 at batch 1024 on glyphs, the device data path against the DataLoader, each timed by
 #       pretrain.py's own img/s (compiled, bf16), then the device path with CUDA graphs (--compile-mode
 #       reduce-overhead) and at batch 2048, bench.py --loader beside them (under 4 minutes on the H100); each run's steady img/s
@@ -172,6 +173,7 @@ timeout $(left) $PY results/curve.py --out "$CURVE" --arms none linear-0.8 \
   --train-seconds $(left 60) \
   --pretrain-args="--workers 6 $CAP ${CURVE_FLAGS:-}" --probe-args="--workers 2 $PROBE" --rank-args="--workers 2 $RANK"
 for run in "$CURVE"/runs/*; do
+  rm -f "$OUT/$(basename "$run").ckpt.pt.gz.part-"*  # an earlier call's parts into the same OUT would join these
   [ -f "$run/ckpt.pt" ] && gzip -1 "$run/ckpt.pt" && split -b 15M "$run/ckpt.pt.gz" "$OUT/$(basename "$run").ckpt.pt.gz.part-" \
     && rm "$run/ckpt.pt.gz"
 done

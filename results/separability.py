@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import probe  # noqa: E402
 
 
-def logistic_regression(train_x, train_y, test_x, test_y, weight_decay=1e-3, n_classes=10):
+def logistic_regression(train_x, train_y, test_x, test_y, n_classes, weight_decay=1e-3):
     """(train accuracy, test accuracy) in % of a standardised, L2-regularised softmax regression."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
@@ -59,7 +59,9 @@ def main():
     train, test = (tokens_and_pixels(model, probe.get_split(name, split, cfg.img_size, root, n, stats=stats))
                    for split, n in (("train", 3000), ("test", 1500)))
     print(f"{path} on {name}: L-BFGS logistic regression, train / test accuracy %")
-    fit = lambda x_train, x_test: " / ".join(f"{a:.1f}" for a in logistic_regression(x_train, train[1], x_test, test[1]))
+    n_classes = int(max(train[1].max(), test[1].max())) + 1  # cifar100 or a folder: not always 10
+    fit = lambda x_train, x_test: " / ".join(
+        f"{a:.1f}" for a in logistic_regression(x_train, train[1], x_test, test[1], n_classes))
     for block in sorted({1, cfg.depth // 3, 2 * cfg.depth // 3, cfg.depth}):
         print(f"  block {block:2d}, mean of tokens   {fit(train[0][block - 1].mean(1), test[0][block - 1].mean(1))}")
     block = max(1, cfg.depth // 3)

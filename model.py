@@ -444,6 +444,7 @@ def preset(name, **overrides):
 
 def from_timm(state, heads=None):
     """An MAE around a timm-layout ViT encoder state_dict (e.g. mae_pretrain_vit_base.pth); decoder left at init."""
+    state = state if isinstance(state, dict) else {}  # e.g. {"model": 5}: refused below as no ViT either
     enc = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
     if "patch_embed.proj.weight" not in enc:
         raise ValueError("not a checkpoint of pretrain.py nor a ViT state_dict (no 'config' or 'patch_embed.proj.weight')")

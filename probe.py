@@ -408,7 +408,7 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
     print((f"{HEADLINE_WHY}\n" if explain else "") + f"headline ({HEADLINE} pooling): {describe_headline(head, cfg.depth)}  ["
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "]")
     report = {"checkpoint": path, "label": schedule_label(cfg), "data": name,
-              **{f"n_{s}": len(split) for s, split in splits.items()},
+              "n_val": 0, **{f"n_{s}": len(split) for s, split in splits.items()},  # 0: no block picked
               "sample": "seeded random samples (seed 0); val is drawn from the train split, disjoint from train",
               "config": asdict(cfg), "alphas": model.alphas, "epochs_done": done, "step": ckpt.get("step"),
               "precision": precision_name(device, args.precision), "normalised_with": stats,

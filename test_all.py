@@ -467,15 +467,18 @@ def call(script, *args, check=True):
     the 2-core CI machine, most of this file's time; real processes stay where a process is the point (a shell's
     exit code, kill -9, torchrun) and for pretrain.py's runs."""
     argv, out, err, code = [os.path.join(HERE, script), *map(str, args)], io.StringIO(), io.StringIO(), 0
-    cwd = os.getcwd()
+    cwd, path, handlers = os.getcwd(), list(sys.path), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             os.chdir(HERE)
             runpy.run_path(argv[0], run_name="__main__")
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-        finally:
+        finally:  # what a script's __main__ sets for its process, e.g. pretrain.py's Ctrl-C handler, must not stay
             os.chdir(cwd)
+            sys.path[:] = path
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
     result = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"{script} {args} exited {code}:\n{result.stdout}\n{result.stderr}")
@@ -897,6 +900,47 @@ def test_weight_decay_groups():
     assert len(decayed) + len(plain) == len(names)
 
 
+def test_decay_as_lr_runs_each_branch_output_at_its_own_lr(tmp_path, monkeypatch):
+    """pretrain.py --decay-as-lr, as run: at every step the last branch's output layer moves at the logged lr x
+    1/prod(alpha) (279x at alpha_min 0.6 and 12 blocks, by the paper's formula written out here) and a layer
+    outside the encoder's branches at the logged lr."""
+    models, steps = [], []
+    param_groups, optimizer_step = pretrain.param_groups, pretrain.optimizer_step
+    monkeypatch.setattr(pretrain, "param_groups", lambda model, *a, **k: models.append(model) or param_groups(model, *a, **k))
+
+    def record(optimizer, scaler):
+        steps.append({id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]})
+        optimizer_step(optimizer, scaler)
+
+    monkeypatch.setattr(pretrain, "optimizer_step", record)
+    pretrain_here("--model", "vit_p4_32", "--decay-as-lr", "--max-steps", 3, "--batch-size", 8, "--log-every", 1,
+                  "--out-dir", tmp_path)
+    params = dict(models[0].named_parameters())
+    last_branch, outside = id(params["encoder.blocks.11.mlp.fc2.weight"]), id(params["decoder_pred.weight"])
+    scale = 1 / math.prod(1 - 0.4 * k / 23 for k in range(24))
+    assert 279 < scale < 280 and len(steps) == 3
+    for lrs, logged in zip(steps, read_log(tmp_path)):
+        assert lrs[last_branch] == pytest.approx(logged["lr"] * scale, rel=1e-9)
+        assert lrs[outside] == logged["lr"] > 0
+
+
+def test_run_flags_reach_the_model_the_optimizer_and_the_data_order(tmp_path, capsys):
+    """--alpha-min, --no-decoder-skips, --weight-decay and --seed as a run records and uses them: the config, the
+    AdamW groups (decay on matrices only), and another seed's start (weights) and first batch (the logged loss)."""
+    flags = ["--model", "vit_p4_32", "--max-steps", 1, "--batch-size", 8, "--log-every", 1]
+    pretrain_here(*flags, "--alpha-min", 0.7, "--no-decoder-skips", "--weight-decay", 0.1, "--out-dir", tmp_path / "a")
+    pretrain_here(*flags, "--alpha-min", 0.7, "--no-decoder-skips", "--weight-decay", 0.1, "--seed", 1,
+                  "--out-dir", tmp_path / "b")
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("a", "b"))
+    assert a["config"]["alpha_min"] == 0.7 and a["config"]["decoder_skips"] is False and "mask_token" in a["model"]
+    assert sorted(g["weight_decay"] for g in a["optimizer"]["param_groups"]) == [0.0, 0.1]
+    assert not torch.equal(a["model"]["encoder.blocks.0.attn.qkv.weight"], b["model"]["encoder.blocks.0.attn.qkv.weight"])
+    assert read_log(tmp_path / "a")[0]["loss"] != read_log(tmp_path / "b")[0]["loss"]
+    capsys.readouterr()
+    pretrain_here(*flags, "--alpha-schedule", "none", "--alpha-min", 0.7, "--out-dir", tmp_path / "c")
+    assert "--alpha-min 0.7 does nothing under it" in capsys.readouterr().out
+
+
 def test_decay_as_lr_groups_survive_torch_compile():
     """bench.py builds its optimizer from the compiled model, whose parameter names gain a prefix: the per-tensor
     groups of --decay-as-lr must still be found (they were not: 2 groups instead of one per scaled tensor)."""
@@ -1011,7 +1055,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     run(recorder, tmp_path / "one", *common, "--out-dir", tmp_path / "one")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", str(recorder), str(tmp_path / "two"), *map(str, common),
+                             "--standalone", str(recorder), str(tmp_path / "two"), *map(str, common),
                              "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
@@ -1058,8 +1102,8 @@ def test_ddp_stops_every_rank_before_saving_after_a_non_finite_loss_on_one(tmp_p
     root = write_png_folder(str(tmp_path / "imgs"), n_per_class=32)
     flags = ["--model", "vit_p4_32", "--data", root, "--max-steps", 8, "--batch-size", 8, "--save-every", 3,
              "--log-every", 100, "--out-dir", tmp_path / "run"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29518", tmp_path / "poison.py", *map(str, flags)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             tmp_path / "poison.py", *map(str, flags)], capture_output=True, text=True,
                             timeout=300, cwd=HERE)
     assert result.returncode != 0 and "became non-finite at step 6" in result.stderr, result.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
@@ -1247,9 +1291,9 @@ def torchrun_worker(parent, rank):
     raise AssertionError(f"no worker of rank {rank} under {parent}")
 
 
-@pytest.mark.parametrize("how,port,one", [(signal.SIGINT, 29541, False), (signal.SIGTERM, 29542, False),
-                                          (signal.SIGTERM, 29543, True)], ids=["ctrl-c", "sigterm", "sigterm-rank-1"])
-def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_path, how, port, one):
+@pytest.mark.parametrize("how,one", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+                         ids=["ctrl-c", "sigterm", "sigterm-rank-1"])
+def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_path, how, one):
     """Ctrl-C at a terminal, or a scheduler's SIGTERM, reaches torchrun and both processes, and torchrun passes it
     on once more. The processes must agree on one step, save it once and stop; the repeat must not stop them
     unsaved (under torchrun a second Ctrl-C is ignored, as a second SIGTERM always is). A SIGTERM to rank 1 alone
@@ -1258,7 +1302,7 @@ def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_pa
     log = out / "log.jsonl"
     send = (lambda proc: os.kill(torchrun_worker(proc.pid, 1), how)) if one else to_group(how)
     _, stdout, stderr = stop_run(out, send, launcher=["-m", "torch.distributed.run", "--nproc_per_node", 2,
-                                                      "--master_port", port])
+                                                      "--standalone"])  # a free port: parallel runs cannot collide
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     by = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[how]
     assert 4 <= stopped_at < 16 and f"stopped by {by} after step {stopped_at}, saved" in stderr, stderr[-3000:]
@@ -1792,7 +1836,7 @@ PRETRAIN, PROBE, RANK = "pretrain.py", "probe.py", "rank.py"
 BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {run} is a finished run's folder
     (PRETRAIN, "--alpha-schedule linaer", "unknown alpha schedule 'linaer'; choose one of none, linear"),
     (PRETRAIN, "--alpha-min 1.5", "argument --alpha-min: needs a finite number in (0, 1], got '1.5'"),
-    (PRETRAIN, "--alpha-min 0", "argument --alpha-min"),
+    (PRETRAIN, "--alpha-min 0", "argument --alpha-min: needs a finite number in (0, 1], got '0'"),
     (PRETRAIN, "--img-size 30", "image size 30 is not divisible by patch size 4"),
     (PRETRAIN, "--mask-ratio 1.0", "argument --mask-ratio: needs a finite number in (0, 1)"),
     (PRETRAIN, "--mask-ratio 0.01", "mask ratio 0.01 hides 0 of 64 patches: it must hide at least one"),
@@ -1826,7 +1870,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PRETRAIN, "--epochs zero", "argument --epochs: needs a whole number >= 1, got 'zero'"),
     (PRETRAIN, "--keep-every -1", "argument --keep-every: needs a whole number >= 0"),
     (PRETRAIN, "--blr nan", "argument --blr: needs a finite number > 0, got 'nan'"),
-    (PRETRAIN, "--device cuda:0", "--device cuda:0"),
+    (PRETRAIN, "--device cuda:0", "--device cuda:0: no CUDA device on this machine"),
     (PRETRAIN, "--device mps", "--device mps: MPS (Apple GPUs) is not available here"),
     (PRETRAIN, "--device meta", "--device meta: not supported here; use auto, cpu, cuda, cuda:N or mps"),
     (PRETRAIN, "--data cifar10 --download --data-root {tmp}/notes.txt/sub", "could not download cifar10 to"),  # no network
@@ -1836,7 +1880,7 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{tmp}/notes.txt", "is not a checkpoint"),
     (PROBE, "{run}", "{run} is a folder; pass the checkpoint file in it"),
     (PROBE, "{run}/ckpt.pt --lr -1", "argument --lr"),
-    (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers"),
+    (PROBE, "{run}/ckpt.pt --layers 0,13", "--layers 0,13: this encoder has blocks 1 to 12"),
     (PROBE, "{run}/ckpt.pt --data imagenett", "unknown dataset"),
     (PROBE, "{run}/ckpt.pt --data cifar10 --data-root {tmp}/none",
      "cifar10 is missing or incomplete under '{tmp}/none': rerun with --download"),  # a flag probe.py has: see below
@@ -1847,11 +1891,11 @@ BAD_INPUTS = [  # (script, arguments, words the one-line message must hold); {ru
     (PROBE, "{run}/ckpt.pt --n-train 1", "the linear probe needs at least 2 train images; the sample holds 1"),
     (PROBE, "{run}/ckpt.pt --out {tmp}/notes.txt/probe.json", "cannot write {tmp}/notes.txt/probe.json"),  # before the work
     (RANK, "{run}/ckpt.pt --compare {run}/ckpt.pt --out {tmp}/notes.txt/rank.json", "cannot write {tmp}/notes.txt/rank.json"),
-    (PROBE, "{tmp}/odd.pt", "{tmp}/odd.pt: "),  # a dict, but of neither checkpoint layout
+    (PROBE, "{tmp}/odd.pt", "{tmp}/odd.pt: not a checkpoint of pretrain.py nor a ViT state_dict"),  # a dict, but of neither checkpoint layout
     (RANK, "{tmp}/nowhere.pt", "checkpoint {tmp}/nowhere.pt does not exist"),
     (RANK, "{tmp}/notes.txt", "is not a checkpoint"),
     (RANK, "{run}/ckpt.pt --data {tmp}/empty", "missing or empty data folder"),
-    (RANK, "{run}/ckpt.pt --n -5", "--n"),
+    (RANK, "{run}/ckpt.pt --n -5", "argument --n: needs a whole number >= 0, got '-5'"),
     (RANK, "{run}/ckpt.pt --out {run}/ckpt.pt", "argument --out: needs a file name ending in .json"),  # not over the checkpoint
     (PROBE, "{run}/ckpt.pt --out {run}", "argument --out: needs a file name ending in .json"),
     (PROBE, "{run}/ckpt.pt --out {tmp}/probe.png", "argument --out"),
@@ -2143,6 +2187,7 @@ def test_ranks_are_measured_in_fp32_even_where_probes_use_autocast(monkeypatch):
     bf16 = probe.extract_features(model, loader, torch.device("cpu"), [2], name="bf16")
     assert rank.effective_ranks(bf16["cls"])[0].item() != pytest.approx(fp32[1]["cls"], rel=1e-3)  # autocast shows
     assert rank.rank_profile(model, loader, torch.device("cpu"), 4)[0] == fp32
+    assert probe.PRECISIONS[rank.build_parser().parse_args(["x.pt"]).precision] == torch.float32  # the CLI's default
     # --precision bf16 asks for that autocast on any device, the CPU included
     asked = probe.extract_features(model, loader, torch.device("cpu"), [2], dtype=probe.PRECISIONS["bf16"])
     assert torch.equal(asked["cls"], bf16["cls"])
@@ -2288,15 +2333,51 @@ def test_probe_and_rank_end_to_end(finished_run):
     assert json.load(open(finished_run / "run" / "rank.json")) == alone and both[0]["layers"] == both[1]["layers"] == layers
 
 
+def test_probe_without_a_validation_sample_picks_no_block(finished_run, tmp_path):
+    """--n-val 0: every train image goes to the probe, nothing is held out to pick a block, so the headline is the
+    last block's alone and no row has validation numbers."""
+    out = call(PROBE, finished_run / "run" / "ckpt.pt", "--n-train", 50, "--n-val", 0, "--n-test", 50, "--epochs", 1,
+               "--layers", "1,12", "--out", tmp_path / "probe.json").stdout
+    report = json.load(open(tmp_path / "probe.json"))
+    assert report["n_val"] == 0 and not any(key.startswith("best") for key in report["headline"])
+    assert not any(key.startswith("val_") for row in report["layers"] for key in row) and "best" not in out
+
+
+def test_compare_tables_print_each_checkpoints_difference_to_the_first(finished_run, tmp_path):
+    """Against another encoder (the run's, its blocks shaken by noise) every difference printed is the two reports'
+    own numbers subtracted; a checkpoint compared with itself (above) would print +0.0 whatever the subtraction."""
+    ckpt, other = finished_run / "run" / "ckpt.pt", tmp_path / "shaken.pt"
+    shaken = torch.load(ckpt, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    shaken["model"] = {k: v + 0.5 * torch.randn(v.shape, generator=g) if k.startswith("encoder.blocks") else v
+                       for k, v in shaken["model"].items()}
+    torch.save(shaken, other)
+    out = call(PROBE, ckpt, "--compare", other, "--n-train", 200, "--n-val", 100, "--n-test", 100, "--epochs", 3,
+               "--layers", "1,12", "--out", tmp_path / "probe.json").stdout
+    first, second = (c["layers"] for c in json.load(open(tmp_path / "probe.json"))["checkpoints"])
+    cells = [f"({b['lp_mean'] - a['lp_mean']:+.1f}/{b['knn_mean'] - a['knn_mean']:+.1f})" for a, b in zip(first, second)]
+    assert all(cell in out for cell in cells) and any(cell != "(+0.0/+0.0)" for cell in cells), (cells, out)
+    out = call(RANK, ckpt, "--compare", other, "--n", 64, "--n-tokens", 8, "--out", tmp_path / "rank.json").stdout
+    first, second = (c["layers"] for c in json.load(open(tmp_path / "rank.json"))["checkpoints"])
+    cells = [f"{b['mean']:7.2f} ({b['mean'] - a['mean']:+.2f})" for a, b in zip(first, second)]
+    assert all(cell in out for cell in cells) and any(not cell.endswith("(+0.00)") for cell in cells), (cells, out)
+
+
 def test_a_short_probe_still_anneals():
     """Warm-up is a tenth of the probe's epochs: 5 of the default 50, 0.3 of 3 (it was min(5, epochs): all warm-up)."""
     recipe = lambda *flags: probe.probe_recipe(probe.build_parser().parse_args(["x.pt", *flags]))
     assert recipe()["warmup_epochs"] == 5 and recipe()["epochs"] == 50
-    short = recipe("--epochs", "3")
+    short = recipe("--epochs", "3", "--lr", "0.02")
     assert short["warmup_epochs"] == pytest.approx(0.3)
-    per_epoch = 10
-    total, warmup = 3 * per_epoch, round(short["warmup_epochs"] * per_epoch)
-    assert warmup == 3 and common.lr_at(total - 1, total, warmup, 1.0) < 0.01  # ends near 0, not at the peak
+    set_lrs = []  # what the probe's loop sets at each of its 3 epochs x 10 steps (40 images, batch 4)
+    step = torch.optim.AdamW.step
+    def record(optimizer, *args, **kwargs):
+        set_lrs.append(optimizer.param_groups[0]["lr"])
+        return step(optimizer, *args, **kwargs)
+    with mock.patch.object(torch.optim.AdamW, "step", record):
+        probe.fit_linear_probes(torch.randn(2, 40, 8), torch.arange(40) % 4, 4, short | {"batch_size": 4})
+    warm = [0.02 * k / 3 for k in (1, 2, 3)]  # 0.3 of 3 epochs = 3 of 30 steps, then a cosine from --lr to 0
+    assert set_lrs[:4] == pytest.approx(warm + [0.02]) and len(set_lrs) == 30 and set_lrs[-1] < 0.0002
 
 
 def test_reports_are_named_after_their_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """What more than one script needs: one-line errors, typed flags, the device and autocast, checkpoint files and
-random states, the warm-up + cosine learning-rate schedule, the FLOP count behind MFU, JSON and plot output. Imports no stage, so evaluation
-never loads the training script."""
+random states, loader workers that leave signals to their main process, the warm-up + cosine learning-rate schedule,
+the early-plateau note, the FLOP count behind MFU, JSON and plot output, and output that outlives a closed pipe.
+Imports no stage, so evaluation never loads the training script."""
 import argparse
 import contextlib
 import errno
@@ -26,9 +27,11 @@ def fail(message):
 
 
 class OutlivesItsReader:
-    """sys.stdout or sys.stderr that goes on once the pipe's reader has gone: `python pretrain.py | tee log`, then a
-    Ctrl-C, which ends tee too. The next print would raise BrokenPipeError before the run saved; from the first
-    such error on, the stream writes to /dev/null instead (log.jsonl and the JSON reports keep the record)."""
+    """sys.stdout or sys.stderr that goes on once its reader has gone: `python pretrain.py | tee log`, then a Ctrl-C,
+    which ends tee too (EPIPE), or a terminal closed under a run that survives the hang-up, as a disowned job does
+    (EIO). The next print would raise before the run saved; from the first such error on, the stream writes to
+    /dev/null instead (log.jsonl and the JSON reports keep the record)."""
+    GONE = (errno.EPIPE, errno.EIO)
 
     def __init__(self, stream):
         self.stream = stream
@@ -36,15 +39,20 @@ class OutlivesItsReader:
     def write(self, text):
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
-            self.to_devnull()
+        except OSError as error:
+            self.to_devnull_if_gone(error)
             return len(text)
 
     def flush(self):
         try:
             self.stream.flush()
-        except BrokenPipeError:
-            self.to_devnull()
+        except OSError as error:
+            self.to_devnull_if_gone(error)
+
+    def to_devnull_if_gone(self, error):
+        if error.errno not in self.GONE:
+            raise error
+        self.to_devnull()
 
     def to_devnull(self):
         null = os.open(os.devnull, os.O_WRONLY)

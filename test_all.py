@@ -1,4 +1,5 @@
 """Every stage, checked against independent references on CPU.  python -m pytest -q test_all.py"""
+import errno
 import itertools
 import math
 import operator
@@ -1220,6 +1221,36 @@ def test_a_run_piped_into_tee_saves_on_ctrl_c_though_tee_is_gone(tmp_path):
     assert code == 130 and stderr.strip().splitlines() == [
         f"stopped by Ctrl-C after step {stopped_at}, saved to {out / 'ckpt.pt'}; the same command with --resume goes "
         "on from there"], stderr
+
+
+@pytest.mark.parametrize("code", [errno.EPIPE, errno.EIO, errno.ENOSPC])
+def test_output_goes_to_devnull_once_its_reader_is_gone(code):
+    """EPIPE (the pipe's reader ended) and EIO (the terminal closed): the write is dropped and the descriptor then
+    leads to /dev/null, so nothing more reaches the pipe; any other error (a full disk) is still raised."""
+    read_end, write_end = os.pipe()
+
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise OSError(code, os.strerror(code))
+
+        def fileno(self):
+            return write_end
+
+    out = common.OutlivesItsReader(Gone())
+    try:
+        if code == errno.ENOSPC:
+            with pytest.raises(OSError):
+                out.write("x")
+            return
+        assert out.write("x") == 1
+        os.write(write_end, b"after")  # now into /dev/null: the pipe's only write end is gone
+        os.close(write_end)
+        write_end = None
+        assert os.read(read_end, 16) == b""
+    finally:
+        os.close(read_end)
+        if write_end is not None:
+            os.close(write_end)
 
 
 def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_path):

@@ -81,14 +81,17 @@ def stop_on_ctrl_c(main):
         sys.exit(130)
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def iter_holding_signals(loader):
-    """iter(loader), holding back the stop signals the main process acts on (Ctrl-C; pretrain.py's SIGTERM too)
-    while it starts its workers, which keep them held: one sent to the whole process group (a terminal's Ctrl-C,
-    a scheduler's SIGTERM) is the main process's alone to act on, and cannot kill a worker as it starts, which
-    hung or crashed the run. Workers inherit the hold through fork or spawn's exec (macOS), as does a fork server
+    """iter(loader), holding back the stop signals the main process acts on (Ctrl-C; pretrain.py's SIGTERM and
+    SIGHUP too) while it starts its workers, which keep them held: one sent to the whole process group (a terminal's
+    Ctrl-C or hang-up, a scheduler's SIGTERM) is the main process's alone to act on, and cannot kill a worker as it
+    starts, which hung or crashed the run. Workers inherit the hold through fork or spawn's exec (macOS), as does a fork server
     (Python 3.14's Linux default) first started here, and its workers. The main process acts once they are up."""
     workers = getattr(loader, "num_workers", 0)  # the device data path's batches are a generator, no workers
-    acted_on = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
+    acted_on = [s for s in STOP_SIGNALS if callable(signal.getsignal(s))]
     if not workers or not acted_on or not hasattr(signal, "pthread_sigmask"):  # (Windows has no pthread_sigmask)
         return iter(loader)
     if (loader.multiprocessing_context or torch.multiprocessing).get_start_method() != "fork":

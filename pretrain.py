@@ -20,9 +20,10 @@ import sys
 import time
 from dataclasses import asdict
 
-if __name__ == "__mp_main__":  # a loader worker started by spawn imports this file first; from here on, Ctrl-C and
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGTERM are the main process's (held back before: Linux, macOS)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if __name__ == "__mp_main__":  # a loader worker started by spawn imports this file first; from here on, Ctrl-C,
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGTERM and SIGHUP are the main process's (held back before)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 try:
     import fcntl
@@ -69,56 +70,63 @@ def optimizer_and_scaler(model, weight_decay, device):
     return optimizer, torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
 
 
+# The signals that save the step under way and stop the run: their name in messages, and the exit code (128 + the
+# signal's number) the process ends with. A stop under torchrun takes the highest code of its processes' signals.
+STOPS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
+if hasattr(signal, "SIGHUP"):  # a closed terminal or ssh session (not on Windows)
+    STOPS[signal.SIGHUP] = ("SIGHUP", 129)
+
+
 class CtrlC:
-    """Ctrl-C, or SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends): the step under
-    way finishes, is saved, and the run stops (exit 130, or 143 after SIGTERM). Under torchrun the processes agree
-    on the step at the next log line (stop_agreed), the loop's only host syncs. A second Ctrl-C stops at once; a
-    second SIGTERM changes nothing (SIGKILL is what stops at once)."""
+    """Ctrl-C, SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends) or SIGHUP (a closed
+    terminal or ssh session): the step under way finishes, is saved, and the run stops (exit 130, 143 or 129).
+    Under torchrun the processes agree on the step at the next log line (stop_agreed), the loop's only host syncs.
+    A second Ctrl-C stops at once; a second SIGTERM or SIGHUP changes nothing (SIGKILL is what stops at once)."""
     pressed, by, exit_code = False, "Ctrl-C", 130
 
     @classmethod
     def press(cls, signum, frame):
         # A second Ctrl-C raises KeyboardInterrupt, but not under torchrun, which passes the terminal's Ctrl-C on
-        # to processes that had it already. A SIGTERM from now on, even as Python shuts down, is ignored.
+        # to processes that had it already. A SIGTERM or SIGHUP from now on, even as Python shuts down, is ignored.
         again_stops = signum == signal.SIGINT and "RANK" not in os.environ
         signal.signal(signum, signal.default_int_handler if again_stops else signal.SIG_IGN)
         says = os.environ.get("RANK", "0") == "0"
         again = " (Ctrl-C again stops at once, unsaved)" if again_stops else ""
         if cls.pressed:
-            if signum == signal.SIGINT and says:  # after a SIGTERM
+            if signum == signal.SIGINT and says:  # after a SIGTERM or SIGHUP
                 print(f"\nCtrl-C: already saving after this step{again}", flush=True)
             return
         cls.pressed = True
-        if signum == signal.SIGTERM:
-            cls.by, cls.exit_code = "SIGTERM", 143
+        cls.by, cls.exit_code = STOPS[signum]
         if says:
             print(f"\n{cls.by}: saving after this step, then stopping{again}", flush=True)
 
 
 def catch_stop_signals():
-    signal.signal(signal.SIGINT, CtrlC.press)
-    signal.signal(signal.SIGTERM, CtrlC.press)
+    for s in STOPS:
+        signal.signal(s, CtrlC.press)
 
 
 def stop_agreed(device, world):
     """Whether to stop now: CtrlC.pressed, or under torchrun whether any process had a signal by the vote (a
-    collective: every process must call it); then every process takes the strongest signal's name and exit code,
-    SIGTERM's first. A signal that lands during the vote counts at the next one: the processes must agree."""
+    collective: every process must call it); then every process takes the strongest signal's name and exit code
+    (SIGTERM, Ctrl-C, SIGHUP). A signal that lands during the vote counts at the next one: the processes must agree."""
     if world == 1:
         return CtrlC.pressed
     code = torch.tensor(float(CtrlC.exit_code if CtrlC.pressed else 0), device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
     if not (code := int(code.item())):  # one host sync
         return False
-    CtrlC.pressed, CtrlC.exit_code, CtrlC.by = True, code, "SIGTERM" if code == 143 else "Ctrl-C"
-    for s in (signal.SIGINT, signal.SIGTERM):  # as if each process had the signal: torchrun passes one on to the
-        signal.signal(s, signal.SIG_IGN)        # others when the first exits, and as Python shuts down it would kill
+    CtrlC.pressed, CtrlC.exit_code = True, code
+    CtrlC.by = next(name for name, exit_code in STOPS.values() if exit_code == code)
+    for s in STOPS:  # as if each process had the signal: torchrun passes one on to the others when the first
+        signal.signal(s, signal.SIG_IGN)  # exits, and one landing as Python shuts down would kill a saved process
     return True
 
 
-def ignore_stop_signals(worker_id):  # loader workers leave Ctrl-C and SIGTERM to the main process, which saves
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def ignore_stop_signals(worker_id):  # loader workers leave the stop signals to the main process, which saves
+    for s in STOPS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class SeededItems(torch.utils.data.Dataset):

@@ -468,7 +468,7 @@ def call(script, *args, check=True):
     the 2-core CI machine, most of this file's time; real processes stay where a process is the point (a shell's
     exit code, kill -9, torchrun) and for pretrain.py's runs."""
     argv, out, err, code = [os.path.join(HERE, script), *map(str, args)], io.StringIO(), io.StringIO(), 0
-    cwd, path, handlers = os.getcwd(), list(sys.path), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    cwd, path, handlers = os.getcwd(), list(sys.path), {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
     with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             os.chdir(HERE)
@@ -1253,23 +1253,25 @@ def test_output_goes_to_devnull_once_its_reader_is_gone(code):
             os.close(write_end)
 
 
-def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_path):
+@pytest.mark.parametrize("how,name,exit_code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGHUP, "SIGHUP", 129)])
+def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_path, how, name, exit_code):
     """What `timeout` or a cluster's scheduler at its time limit sends: SIGTERM to the whole process group, loader
-    workers included, here twice. The step under way is saved and the run exits 143 with one line; the second
-    SIGTERM changes nothing (a worker that died of the first would have ended the run unsaved)."""
+    workers included, here twice; or SIGHUP, what a closed terminal or ssh session sends. The step under way is
+    saved and the run exits 143 (129) with one line; the second signal changes nothing (a worker that died of the
+    first would have ended the run unsaved)."""
     out = tmp_path / "run"
-    code, stdout, stderr = stop_run(out, to_group(signal.SIGTERM, times=2), extra=["--workers", 1])
-    assert code == 143, stderr
+    code, stdout, stderr = stop_run(out, to_group(how, times=2), extra=["--workers", 1])
+    assert code == exit_code, stderr
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert 4 <= stopped_at < 16 and stdout.count("SIGTERM: saving after this step") == 1
-    assert stderr.strip().splitlines() == [f"stopped by SIGTERM after step {stopped_at}, saved to {out / 'ckpt.pt'}; "
+    assert 4 <= stopped_at < 16 and stdout.count(f"{name}: saving after this step") == 1
+    assert stderr.strip().splitlines() == [f"stopped by {name} after step {stopped_at}, saved to {out / 'ckpt.pt'}; "
                                            "the same command with --resume goes on from there"]
 
 
 @pytest.fixture
 def stop_handlers_kept():
     """Tests that set handlers of Ctrl-C and SIGTERM in this process leave pytest's own in place after them."""
-    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    kept = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
     yield
     for s, handler in kept.items():
         signal.signal(s, handler)
@@ -1322,11 +1324,11 @@ def torchrun_worker(parent, rank):
     raise AssertionError(f"no worker of rank {rank} under {parent}")
 
 
-@pytest.mark.parametrize("how,one", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
-                         ids=["ctrl-c", "sigterm", "sigterm-rank-1"])
+@pytest.mark.parametrize("how,one", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True),
+                                    (signal.SIGHUP, False)], ids=["ctrl-c", "sigterm", "sigterm-rank-1", "sighup"])
 def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_path, how, one):
-    """Ctrl-C at a terminal, or a scheduler's SIGTERM, reaches torchrun and both processes, and torchrun passes it
-    on once more. The processes must agree on one step, save it once and stop; the repeat must not stop them
+    """Ctrl-C at a terminal, a scheduler's SIGTERM or a closed terminal's SIGHUP reaches torchrun and both
+    processes, and torchrun passes it on once more. The processes must agree on one step, save it once and stop; the repeat must not stop them
     unsaved (under torchrun a second Ctrl-C is ignored, as a second SIGTERM always is). A SIGTERM to rank 1 alone
     stops both too, and rank 0, which speaks, names it and exits as it would have (143)."""
     out = tmp_path / "run"
@@ -1335,7 +1337,7 @@ def test_a_signal_to_a_torchrun_job_stops_every_process_at_one_saved_step(tmp_pa
     _, stdout, stderr = stop_run(out, send, launcher=["-m", "torch.distributed.run", "--nproc_per_node", 2,
                                                       "--standalone"])  # a free port: parallel runs cannot collide
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    by = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[how]
+    by = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}[how]
     assert 4 <= stopped_at < 16 and f"stopped by {by} after step {stopped_at}, saved" in stderr, stderr[-3000:]
     assert stderr.count("stopped by") == 1 and "second Ctrl-C" not in stderr
     assert stdout.count(f"{by}: saving") == (0 if one else 1)  # rank 0 says it when it had the signal itself
@@ -1361,7 +1363,7 @@ def test_a_signal_during_the_stop_vote_of_torchrun_processes_counts_at_the_next_
     monkeypatch.setattr(pretrain.dist, "all_reduce", all_reduce)
     assert pretrain.stop_agreed(torch.device("cpu"), 2) is False  # as every other process reads the vote
     assert pretrain.stop_agreed(torch.device("cpu"), 2) is True and votes == [0, 143]
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == [signal.SIG_IGN] * 2
+    assert [signal.getsignal(s) for s in common.STOP_SIGNALS] == [signal.SIG_IGN] * 3 and pretrain.CtrlC.by == "SIGTERM"
 
 
 def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, monkeypatch, capsys):
@@ -1842,16 +1844,17 @@ def test_a_signal_while_loader_workers_start_is_acted_on_once_they_have(stop_han
 
 
 def test_loader_workers_hold_back_only_the_signals_the_main_process_acts_on(stop_handlers_kept):
-    """probe.py acts on Ctrl-C and leaves SIGTERM to its default: its workers hold back Ctrl-C only, so the
-    DataLoader's terminate() (a SIGTERM) still ends a worker stuck in a read. pretrain.py acts on both."""
+    """probe.py acts on Ctrl-C and leaves SIGTERM (and SIGHUP) to its default: its workers hold back Ctrl-C only, so
+    the DataLoader's terminate() (a SIGTERM) still ends a worker stuck in a read. pretrain.py acts on all three."""
     for term_handler, term_held in ((signal.SIG_DFL, False), (lambda signum, frame: None, True)):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, term_handler)
+        signal.signal(signal.SIGHUP, term_handler)
         batches = common.iter_holding_signals(torch.utils.data.DataLoader(range(4), num_workers=1))
         status = open(f"/proc/{batches._workers[0].pid}/status").read()
         assert [int(x) for x in batches] == [0, 1, 2, 3]  # all read: the worker ends before any assert can fail
         blocked = int(status.split("SigBlk:")[1].split()[0], 16)
-        assert [bool(blocked >> (s - 1) & 1) for s in (signal.SIGINT, signal.SIGTERM)] == [True, term_held]
+        assert [bool(blocked >> (s - 1) & 1) for s in common.STOP_SIGNALS] == [True, term_held, term_held]
 
 
 def test_ctrl_c_as_probe_workers_start_by_spawn_is_one_line(tmp_path, finished_run):

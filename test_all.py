@@ -1268,6 +1268,34 @@ def test_sigterm_to_every_process_of_a_run_saves_the_step_as_ctrl_c_does(tmp_pat
                                            "the same command with --resume goes on from there"]
 
 
+def test_a_run_whose_terminal_closes_saves_its_step(tmp_path):
+    """An ssh session that drops: the run's terminal (a pty here, the run its session leader) goes away, the kernel
+    sends SIGHUP, and every later write to the terminal fails with EIO. The run saves the step under way and exits
+    129 (it was killed by the SIGHUP, unsaved, until stop 36)."""
+    import pty
+    import select
+    pid, terminal = pty.fork()
+    if pid == 0:  # the run, in a session of its own on the new terminal
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, STOP_FLAGS),
+                                  "--out-dir", str(tmp_path / "run")])
+    shown, deadline = b"", time.time() + 120
+    while b"step 4/" not in shown and time.time() < deadline:
+        if select.select([terminal], [], [], 1)[0]:
+            shown += os.read(terminal, 4096)
+    os.close(terminal)  # the hang-up
+    for _ in range(1200):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"the run did not stop after its terminal closed: {shown[-2000:]!r}")
+    assert os.waitstatus_to_exitcode(status) == 129, shown[-2000:]
+    assert 4 <= torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] < 16
+
+
 @pytest.fixture
 def stop_handlers_kept():
     """Tests that set handlers of Ctrl-C and SIGTERM in this process leave pytest's own in place after them."""

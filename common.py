@@ -28,8 +28,8 @@ def fail(message):
 
 class OutlivesItsReader:
     """sys.stdout or sys.stderr that goes on once its reader has gone: `python pretrain.py | tee log`, then a Ctrl-C,
-    which ends tee too (EPIPE), or a terminal closed under a run that survives the hang-up, as a disowned job does
-    (EIO). The next print would raise before the run saved; from the first such error on, the stream writes to
+    which ends tee too (EPIPE), or a closed terminal (EIO), whose SIGHUP pretrain.py answers by saving its step. The
+    next print would raise before the run saved; from the first such error on, the stream writes to
     /dev/null instead (log.jsonl and the JSON reports keep the record)."""
     GONE = (errno.EPIPE, errno.EIO)
 

@@ -20,8 +20,9 @@ import sys
 import time
 from dataclasses import asdict
 
-if __name__ == "__mp_main__":  # a loader worker started by spawn imports this file first; from here on, Ctrl-C,
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGTERM and SIGHUP are the main process's (held back before)
+if __name__ == "__mp_main__":  # a loader worker started by spawn imports this file first; from here on, the stop
+    # signals (STOPS below, named here: this runs before the slow imports) are the main process's, held back before
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
@@ -209,7 +210,8 @@ def build_parser():
     a("--download", action="store_true", default=None, help="let torchvision download a named dataset")
     a("--data-root", help="where torchvision datasets live (default: ./data)")
     a("--epochs", type=positive_int, help=f"default: {CPU_EPOCHS} on the embedded data, else 800")
-    a("--max-steps", type=positive_int, help="cap on optimizer steps; the lr schedule is fitted to the capped run (default: none)")
+    a("--max-steps", type=positive_int, help="cap on optimizer steps; the lr schedule is fitted to the capped run "
+      "(default: none)")
     a("--batch-size", type=positive_int, help="GLOBAL batch per micro-step, split over processes (default: 128 on CPU, 256 on GPU)")
     a("--accum-steps", type=positive_int, help="micro-steps per optimizer step; effective batch = batch-size * accum-steps "
       "(default: 1)")

@@ -78,26 +78,26 @@ if hasattr(signal, "SIGHUP"):  # a closed terminal or ssh session (not on Window
     STOPS[signal.SIGHUP] = ("SIGHUP", 129)
 
 
-class CtrlC:
+class Stop:
     """Ctrl-C, SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends) or SIGHUP (a closed
     terminal or ssh session): the step under way finishes, is saved, and the run stops (exit 130, 143 or 129).
     Under torchrun the processes agree on the step at the next log line (stop_agreed), the loop's only host syncs.
     A second Ctrl-C stops at once; a second SIGTERM or SIGHUP changes nothing (SIGKILL is what stops at once)."""
-    pressed, by, exit_code = False, "Ctrl-C", 130
+    asked, by, exit_code = False, "Ctrl-C", 130
 
     @classmethod
-    def press(cls, signum, frame):
+    def ask(cls, signum, frame):
         # A second Ctrl-C raises KeyboardInterrupt, but not under torchrun, which passes the terminal's Ctrl-C on
         # to processes that had it already. A SIGTERM or SIGHUP from now on, even as Python shuts down, is ignored.
         again_stops = signum == signal.SIGINT and "RANK" not in os.environ
         signal.signal(signum, signal.default_int_handler if again_stops else signal.SIG_IGN)
         says = os.environ.get("RANK", "0") == "0"
         again = " (Ctrl-C again stops at once, unsaved)" if again_stops else ""
-        if cls.pressed:
+        if cls.asked:
             if signum == signal.SIGINT and says:  # after a SIGTERM or SIGHUP
                 print(f"\nCtrl-C: already saving after this step{again}", flush=True)
             return
-        cls.pressed = True
+        cls.asked = True
         cls.by, cls.exit_code = STOPS[signum]
         if says:
             print(f"\n{cls.by}: saving after this step, then stopping{again}", flush=True)
@@ -105,21 +105,21 @@ class CtrlC:
 
 def catch_stop_signals():
     for s in STOPS:
-        signal.signal(s, CtrlC.press)
+        signal.signal(s, Stop.ask)
 
 
 def stop_agreed(device, world):
-    """Whether to stop now: CtrlC.pressed, or under torchrun whether any process had a signal by the vote (a
+    """Whether to stop now: Stop.asked, or under torchrun whether any process had a signal by the vote (a
     collective: every process must call it); then every process takes the strongest signal's name and exit code
     (SIGTERM, Ctrl-C, SIGHUP). A signal that lands during the vote counts at the next one: the processes must agree."""
     if world == 1:
-        return CtrlC.pressed
-    code = torch.tensor(float(CtrlC.exit_code if CtrlC.pressed else 0), device=device)
+        return Stop.asked
+    code = torch.tensor(float(Stop.exit_code if Stop.asked else 0), device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
     if not (code := int(code.item())):  # one host sync
         return False
-    CtrlC.pressed, CtrlC.exit_code = True, code
-    CtrlC.by = next(name for name, exit_code in STOPS.values() if exit_code == code)
+    Stop.asked, Stop.exit_code = True, code
+    Stop.by = next(name for name, exit_code in STOPS.values() if exit_code == code)
     for s in STOPS:  # as if each process had the signal: torchrun passes one on to the others when the first
         signal.signal(s, signal.SIG_IGN)  # exits, and one landing as Python shuts down would kill a saved process
     return True
@@ -521,8 +521,8 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
     loss_sum, bad_step = torch.zeros((), device=device), torch.full((), -1, device=device)
     if stop_agreed(device, world):  # during start-up: no step to save, and the folder stays free
         if master:
-            print(f"stopped by {CtrlC.by} before the first step; nothing was saved", file=sys.stderr)
-        sys.exit(CtrlC.exit_code)
+            print(f"stopped by {Stop.by} before the first step; nothing was saved", file=sys.stderr)
+        sys.exit(Stop.exit_code)
     t_start = t_log = t_wall = time.time()  # img/s from t_log (training alone), the eta from t_wall (saves too)
     steps_at_log = first_step = step
     mean_loss = None
@@ -561,7 +561,7 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
             periodic = end_of_epoch if args.save_every is None else (args.save_every and step % args.save_every == 0)
             save_due = step == total or periodic  # alike on every process
             log_due = step % args.log_every == 0 or end_of_epoch or save_due
-            # read once: a press after this line stops the run at the next step, saved; under torchrun one process's
+            # read once: a signal after this line stops the run at the next step, saved; under torchrun one process's
             # signal stops them all, at a log step (a host sync there already)
             stop = (world == 1 or log_due) and stop_agreed(device, world)
             save_now = save_due or stop
@@ -593,13 +593,13 @@ def train(args, cfg, train_set, preview, device, rank, world, ckpt):
                                     os.path.join(args.out_dir, f"recon_epoch{epoch + 1:03d}.png"))
             if log_now:  # the next interval starts after the saves and the figure: img/s counts training alone
                 t_log, steps_at_log = time.time(), step
-            if stop and step < total:  # pressed during the last step: the run ends as usual
+            if stop and step < total:  # asked during the last step: the run ends as usual
                 if world > 1:
                     dist.barrier()  # the others wait for the master's save
                 if master:
-                    print(f"stopped by {CtrlC.by} after step {step}, saved to {ckpt_path}; the same command with "
+                    print(f"stopped by {Stop.by} after step {step}, saved to {ckpt_path}; the same command with "
                           "--resume goes on from there", file=sys.stderr)
-                sys.exit(CtrlC.exit_code)
+                sys.exit(Stop.exit_code)
             if step >= total:
                 break
     if master:

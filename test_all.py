@@ -1380,18 +1380,18 @@ def test_a_signal_during_the_stop_vote_of_torchrun_processes_counts_at_the_next_
     the job hung (1 run in 8 of the test above). Once the vote says stop, every process ignores later signals, as
     one that had the signal does: torchrun passes it on to the others when the first exits, and one landing as
     Python shut down ended a saved process with -15."""
-    monkeypatch.setattr(pretrain.CtrlC, "pressed", False)
-    monkeypatch.setattr(pretrain.CtrlC, "exit_code", 130)
-    monkeypatch.setattr(pretrain.CtrlC, "by", "Ctrl-C")
+    monkeypatch.setattr(pretrain.Stop, "asked", False)
+    monkeypatch.setattr(pretrain.Stop, "exit_code", 130)
+    monkeypatch.setattr(pretrain.Stop, "by", "Ctrl-C")
     votes = []
 
     def all_reduce(code, op):  # the others cast 0; this process's signal arrives during the first vote
         votes.append(int(code.item()))
-        pretrain.CtrlC.exit_code, pretrain.CtrlC.pressed = 143, True
+        pretrain.Stop.exit_code, pretrain.Stop.asked = 143, True
     monkeypatch.setattr(pretrain.dist, "all_reduce", all_reduce)
     assert pretrain.stop_agreed(torch.device("cpu"), 2) is False  # as every other process reads the vote
     assert pretrain.stop_agreed(torch.device("cpu"), 2) is True and votes == [0, 143]
-    assert [signal.getsignal(s) for s in common.STOP_SIGNALS] == [signal.SIG_IGN] * 3 and pretrain.CtrlC.by == "SIGTERM"
+    assert [signal.getsignal(s) for s in common.STOP_SIGNALS] == [signal.SIG_IGN] * 3 and pretrain.Stop.by == "SIGTERM"
 
 
 def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, monkeypatch, capsys):
@@ -1403,9 +1403,9 @@ def test_ctrl_c_after_the_save_decision_stops_at_the_next_step_saved(tmp_path, m
         check(*args, **kwargs)
         calls.append(1)
         if len(calls) == 4:
-            pretrain.CtrlC.pressed = True
+            pretrain.Stop.asked = True
 
-    monkeypatch.setattr(pretrain.CtrlC, "pressed", False)
+    monkeypatch.setattr(pretrain.Stop, "asked", False)
     monkeypatch.setattr(pretrain, "stop_if_not_finite", check_then_press)
     with pytest.raises(SystemExit) as stopped:
         pretrain_here("--model", "vit_p4_32", "--max-steps", 8, "--batch-size", 8, "--save-every", 3, "--log-every", 1,
@@ -1420,10 +1420,10 @@ def test_ctrl_c_during_start_up_stops_unsaved_and_leaves_the_folder_free(tmp_pat
     build = pretrain.build
 
     def build_then_press(*args):
-        pretrain.CtrlC.pressed = True
+        pretrain.Stop.asked = True
         return build(*args)
 
-    monkeypatch.setattr(pretrain.CtrlC, "pressed", False)
+    monkeypatch.setattr(pretrain.Stop, "asked", False)
     monkeypatch.setattr(pretrain, "build", build_then_press)
     with pytest.raises(SystemExit) as stopped:
         pretrain_here("--model", "vit_p4_32", "--max-steps", 2, "--batch-size", 8, "--out-dir", tmp_path / "run")

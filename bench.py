@@ -15,8 +15,7 @@ import torch
 import data
 import device_data
 from common import (COMPILE_MODES, WORKERS, Parser, autocast, default_workers, fail, flops_per_image, fraction,
-                    iter_holding_signals, outlive_closed_pipes, peak_flops, pick_device, positive_int, real,
-                    stop_on_ctrl_c)
+                    iter_holding_signals, peak_flops, pick_device, positive_int, real, run_script)
 from model import MAE, PRESETS, SCHEDULES
 from pretrain import CPU_PRESET, SeededItems, model_config, optimizer_and_scaler, optimizer_step
 
@@ -210,5 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    outlive_closed_pipes()
-    stop_on_ctrl_c(main)
+    run_script(main)

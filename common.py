@@ -64,16 +64,18 @@ class OutlivesItsReader:
 
 
 def outlive_closed_pipes():
-    """For a script's entry point (not main(), which tests call under their own capture)."""
+    """For a script's entry point (not main(), which tests call under their own capture): run_script, pretrain.py."""
     if sys.stdout is not None:  # None: started with the descriptor closed, and print() then writes nothing
         sys.stdout = OutlivesItsReader(sys.stdout)
     if sys.stderr is not None:
         sys.stderr = OutlivesItsReader(sys.stderr)
 
 
-def stop_on_ctrl_c(main):
-    """Run a script's main; Ctrl-C stops it with one line and exit 130, not a traceback (its files are written
-    through temp files, so none is left half-written)."""
+def run_script(main):
+    """probe.py's, rank.py's and bench.py's entry point: main(), its output outliving a closed pipe, and Ctrl-C
+    stopping it with one line and exit 130, not a traceback (its files are written through temp files, so none is
+    left half-written)."""
+    outlive_closed_pipes()
     try:
         main()
     except KeyboardInterrupt:
@@ -81,15 +83,20 @@ def stop_on_ctrl_c(main):
         sys.exit(130)
 
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# The signals that stop a run, saving the step under way (pretrain.py): their name in messages, and the exit code
+# (128 + the signal's number) the process ends with. A stop under torchrun takes the highest code of its processes'.
+STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
+if hasattr(signal, "SIGHUP"):  # a closed terminal or ssh session (not on Windows)
+    STOP_SIGNALS[signal.SIGHUP] = ("SIGHUP", 129)
 
 
 def iter_holding_signals(loader):
     """iter(loader), holding back the stop signals the main process acts on (Ctrl-C; pretrain.py's SIGTERM and
     SIGHUP too) while it starts its workers, which keep them held: one sent to the whole process group (a terminal's
     Ctrl-C or hang-up, a scheduler's SIGTERM) is the main process's alone to act on, and cannot kill a worker as it
-    starts, which hung or crashed the run. Workers inherit the hold through fork or spawn's exec (macOS), as does a fork server
-    (Python 3.14's Linux default) first started here, and its workers. The main process acts once they are up."""
+    starts, which hung or crashed the run. Workers inherit the hold through fork or spawn's exec (macOS), as does a
+    fork server (Python 3.14's Linux default) first started here, and its workers. The main process acts once they
+    are up."""
     workers = getattr(loader, "num_workers", 0)  # the device data path's batches are a generator, no workers
     acted_on = [s for s in STOP_SIGNALS if callable(signal.getsignal(s))]
     if not workers or not acted_on or not hasattr(signal, "pthread_sigmask"):  # (Windows has no pthread_sigmask)
@@ -173,12 +180,6 @@ positive, non_negative = real(0, low_open=True), real(0)
 fraction = real(0, 1, low_open=True, high_open=True)  # in (0, 1)
 SEED = whole(0, 2**32 - 1)  # numpy's seed range; a negative seed is refused rather than folded onto another
 WORKERS = whole(0, 256)  # data loader processes
-
-
-def default_workers(device):
-    """Loader processes when --workers is left out: a GPU outruns one process's decoding; on a CPU, workers would
-    take the cores the model trains on."""
-    return 8 if device.type == "cuda" else 0
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead replays CUDA graphs
 
 
@@ -191,6 +192,12 @@ def json_file(text):
 
 
 # ---- device
+
+def default_workers(device):
+    """Loader processes when --workers is left out: a GPU outruns one process's decoding; on a CPU, workers would
+    take the cores the model trains on."""
+    return 8 if device.type == "cuda" else 0
+
 
 def pick_device(name="auto"):
     if name != "auto":
@@ -362,6 +369,16 @@ def plateau_note(loss, cfg, whose="the loss"):
 def alpha_pairs(alphas):
     """'(attn,mlp)' shortcut weights per encoder block, as pretrain.py and rank.py print them."""
     return " ".join(f"({x:.3f},{y:.3f})" for x, y in zip(alphas[::2], alphas[1::2]))
+
+
+def print_side_by_side(rows, width, diff_width):
+    """--compare's table, checkpoints [0], [1], ... side by side: rows are (block, [(value, its difference to [0]),
+    ...]) as text; each value right-aligned in width, each difference but [0]'s left-aligned after it."""
+    lines = [("block", [(f"[{i}]", "") for i in range(len(rows[0][1]))]), *rows]
+    for block, cells in lines:
+        print((f"{block:>5}  " + "  ".join(f"{value:>{width}}" + (diff.ljust(diff_width) if i else "")
+                                            for i, (value, diff) in enumerate(cells))).rstrip())
+
 
 def beside(checkpoint, filename):
     """filename in the checkpoint's folder, named after any checkpoint but ckpt.pt, so that a kept ckpt_epoch010.pt

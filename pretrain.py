@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 
 if __name__ == "__mp_main__":  # a loader worker started by spawn imports this file first; from here on, the stop
-    # signals (STOPS below, named here: this runs before the slow imports) are the main process's, held back before
+    # signals (common.STOP_SIGNALS, named here: this runs before the slow imports) are the main process's alone
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
@@ -38,10 +38,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import device_data
-from common import (COMPILE_MODES, SEED, WORKERS, Parser, alpha_pairs, autocast, default_workers, describe_machine,
-                    fail, flops_per_image, fraction, iter_holding_signals, load_checkpoint, lr_at, nearest_folder,
-                    non_negative, non_negative_int, outlive_closed_pipes, peak_flops, pick_device, plateau_note,
-                    positive, positive_int, real, rng_states, save_atomic, save_bytes, set_rng_states, try_writing_in)
+from common import (COMPILE_MODES, SEED, STOP_SIGNALS, WORKERS, Parser, alpha_pairs, autocast, default_workers,
+                    describe_machine, fail, flops_per_image, fraction, iter_holding_signals, load_checkpoint, lr_at,
+                    nearest_folder, non_negative, non_negative_int, outlive_closed_pipes, peak_flops, pick_device,
+                    plateau_note, positive, positive_int, real, rng_states, save_atomic, save_bytes, set_rng_states,
+                    try_writing_in)
 from model import MAE, PRESETS, SCHEDULES, check_alphas, encoder_alphas, patchify, preset, stream_scales, unpatchify
 
 CPU_PRESET, CPU_EPOCHS = "vit_m4_32", 2  # the default command: 2 CPU cores train it in under 10 minutes
@@ -71,13 +72,6 @@ def optimizer_and_scaler(model, weight_decay, device):
     return optimizer, torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
 
 
-# The signals that save the step under way and stop the run: their name in messages, and the exit code (128 + the
-# signal's number) the process ends with. A stop under torchrun takes the highest code of its processes' signals.
-STOPS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
-if hasattr(signal, "SIGHUP"):  # a closed terminal or ssh session (not on Windows)
-    STOPS[signal.SIGHUP] = ("SIGHUP", 129)
-
-
 class Stop:
     """Ctrl-C, SIGTERM (what `timeout`, a cluster's scheduler at its time limit, or `kill` sends) or SIGHUP (a closed
     terminal or ssh session): the step under way finishes, is saved, and the run stops (exit 130, 143 or 129).
@@ -98,13 +92,13 @@ class Stop:
                 print(f"\nCtrl-C: already saving after this step{again}", flush=True)
             return
         cls.asked = True
-        cls.by, cls.exit_code = STOPS[signum]
+        cls.by, cls.exit_code = STOP_SIGNALS[signum]
         if says:
             print(f"\n{cls.by}: saving after this step, then stopping{again}", flush=True)
 
 
 def catch_stop_signals():
-    for s in STOPS:
+    for s in STOP_SIGNALS:
         signal.signal(s, Stop.ask)
 
 
@@ -119,14 +113,14 @@ def stop_agreed(device, world):
     if not (code := int(code.item())):  # one host sync
         return False
     Stop.asked, Stop.exit_code = True, code
-    Stop.by = next(name for name, exit_code in STOPS.values() if exit_code == code)
-    for s in STOPS:  # as if each process had the signal: torchrun passes one on to the others when the first
+    Stop.by = next(name for name, exit_code in STOP_SIGNALS.values() if exit_code == code)
+    for s in STOP_SIGNALS:  # as if each process had the signal: torchrun passes one on to the others when the first
         signal.signal(s, signal.SIG_IGN)  # exits, and one landing as Python shuts down would kill a saved process
     return True
 
 
 def ignore_stop_signals(worker_id):  # loader workers leave the stop signals to the main process, which saves
-    for s in STOPS:
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 

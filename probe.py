@@ -22,9 +22,8 @@ from einops import rearrange
 import data
 from model import MAE
 from common import (WORKERS, Parser, autocast, beside, default_workers, fail, iter_holding_signals, json_file,
-                    load_checkpoint, lr_at, non_negative_int, note_if_replacing, one_thread, outlive_closed_pipes,
-                    pick_device, plateau_note, positive, positive_int, pyplot, save_figure, save_json, stop_on_ctrl_c,
-                    writable)
+                    load_checkpoint, lr_at, non_negative_int, note_if_replacing, one_thread, pick_device, plateau_note,
+                    positive, positive_int, print_side_by_side, pyplot, run_script, save_figure, save_json, writable)
 
 # Reference, MAE's protocol: cls token, BatchNorm1d(affine=False, eps 1e-6) + Linear, LARS, base lr
 # 0.1, batch 16384, 90 epochs, 10 warm-up. Authors' quick probe: mean of tokens, Linear, AdamW lr 1e-2, cosine,
@@ -421,14 +420,11 @@ def probe_checkpoint(path, model, ckpt, args, out, explain=True):
 
 
 def print_comparison(reports):
-    first = reports[0]["layers"]
     print("\nmean pooling, test accuracy %, LP / k-NN; in brackets the difference to the first checkpoint")
-    print((f"{'block':>5}  " + "  ".join([f"{'[0]':>13}"] + [f"{f'[{i}]':>13}{'':14}" for i in range(1, len(reports))])).rstrip())
-    for k, row in enumerate(first):  # values right-aligned, differences after them left-aligned
-        cells = [f"{r['layers'][k]['lp_mean']:5.1f} / {r['layers'][k]['knn_mean']:5.1f}" for r in reports]
-        cells[1:] = [cell + f" ({r['layers'][k]['lp_mean'] - row['lp_mean']:+.1f}/{r['layers'][k]['knn_mean'] - row['knn_mean']:+.1f})".ljust(14)
-                     for cell, r in zip(cells[1:], reports[1:])]
-        print((f"{row['layer']:>5}  " + "  ".join(cells)).rstrip())
+    cell = lambda row, first: (f"{row['lp_mean']:5.1f} / {row['knn_mean']:5.1f}",
+                               f" ({row['lp_mean'] - first['lp_mean']:+.1f}/{row['knn_mean'] - first['knn_mean']:+.1f})")
+    blocks = zip(*(report["layers"] for report in reports))  # each block's row of every report
+    print_side_by_side([(block[0]["layer"], [cell(row, block[0]) for row in block]) for block in blocks], 13, 14)
     for i, report in enumerate(reports):
         headline = describe_headline(report["headline"], report["config"]["depth"])
         print(f"  [{i}] {report['label']}{trained_for(report['epochs_done'])}: {report['checkpoint']}\n      {headline}")
@@ -453,5 +449,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    outlive_closed_pipes()
-    stop_on_ctrl_c(main)
+    run_script(main)

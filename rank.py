@@ -17,8 +17,7 @@ import torch
 
 import data
 from common import (Parser, alpha_pairs, beside, fail, json_file, non_negative_int, note_if_replacing, one_thread,
-                    outlive_closed_pipes, pick_device, plateau_note, pyplot, save_figure, save_json, stop_on_ctrl_c,
-                    writable)
+                    pick_device, plateau_note, print_side_by_side, pyplot, run_script, save_figure, save_json, writable)
 from probe import (PRECISIONS, add_common_args, add_precision_arg, data_source, epochs_done, extract_features,
                    get_split, input_stats, load_model, make_loader, precision_name, schedule_label, stats_note,
                    trained_for)
@@ -90,12 +89,9 @@ def print_comparison(results):
     """Patch-mean rank per block, side by side, with each checkpoint's difference to the first."""
     ranks = [{r["layer"]: r["mean"] for r in result["layers"]} for result in results]
     print(f"\npatch mean, effective rank over {results[0]['n_images']} images; in brackets the difference to [0]")
-    print(f"{'block':>5}  " + "  ".join([f"{'[0]':>7}"] + [f"{f'[{i}]':>7}{'':10}" for i in range(1, len(results))]).rstrip())
-    for layer in sorted(set().union(*ranks)):  # values right-aligned, differences after them left-aligned
-        cells = [f"{rank[layer]:7.2f}" if layer in rank else f"{'-':>7}" for rank in ranks]
-        cells[1:] = [cell + (f" ({rank[layer] - ranks[0][layer]:+.2f})" if layer in rank and layer in ranks[0]
-                             else "").ljust(10) for cell, rank in zip(cells[1:], ranks[1:])]
-        print((f"{layer:>5}  " + "  ".join(cells)).rstrip())
+    cell = lambda rank, layer: (f"{rank[layer]:.2f}" if layer in rank else "-",
+                                f" ({rank[layer] - ranks[0][layer]:+.2f})" if layer in rank and layer in ranks[0] else "")
+    print_side_by_side([(layer, [cell(rank, layer) for rank in ranks]) for layer in sorted(set().union(*ranks))], 7, 10)
     for i, result in enumerate(results):
         print(f"  [{i}] {result['label']}{trained_for(result['epochs_done'])}: {result['checkpoint']}")
 
@@ -166,5 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    outlive_closed_pipes()
-    stop_on_ctrl_c(main)
+    run_script(main)

@@ -2628,22 +2628,22 @@ def test_spread_over_seeds_by_hand(tmp_path):
 
 def test_overview_reads_each_setting_by_hand(tmp_path):
     """A study summary holding the skip pair (and only half of the no-skip pair) and a curve with both arms at
-    epoch 100: two rows, decay minus baseline read by the study's rule, the one-seed row claiming nothing."""
+    epoch 200: two rows, decay minus baseline read by the study's rule, the one-seed row claiming nothing."""
     stats = lambda lp, knn, rank, seeds=3: {"lp_best": lp, "knn_best": knn, "erank_last": rank, "seeds": seeds}
     (tmp_path / "study_glyphs").mkdir()
     (tmp_path / "study_glyphs" / "study.json").write_text(json.dumps({"table": {
         "none": stats([70.0, 2.0], [50.0, 3.0], [15.0, 1.0]), "linear-0.8": stats([60.0, 1.0], [45.0, 1.0], [5.0, 0.5]),
         "none-noskips": stats([1.0, 0.0], [1.0, 0.0], [1.0, 0.0])}}))
     point = lambda epoch, lp, knn, rank: {"epoch": epoch, "lp_best": lp, "knn_best": knn, "erank_last": rank}
-    (tmp_path / "curve_glyphs").mkdir()
-    (tmp_path / "curve_glyphs" / "curve.json").write_text(json.dumps({"curves": {
-        "none": [point(50, 1.0, 1.0, 1.0), point(100, 99.0, 90.0, 20.0)], "linear-0.8": [point(100, 98.5, 93.0, 30.0)]}}))
+    (tmp_path / "curve_glyphs_run2").mkdir()
+    (tmp_path / "curve_glyphs_run2" / "curve.json").write_text(json.dumps({"curves": {
+        "none": [point(100, 1.0, 1.0, 1.0), point(200, 99.0, 90.0, 20.0)], "linear-0.8": [point(200, 98.5, 93.0, 30.0)]}}))
     result = call("results/overview.py", "--root", tmp_path, "--out", tmp_path)
     rows = [line for line in (tmp_path / "overview.md").read_text().splitlines() if line.startswith("| ") and "epochs" in line]
     assert len(rows) == 2 and rows == [line for line in result.stdout.splitlines() if line in rows]
     assert rows[0].startswith("| 2 CPU epochs, skips | none / linear-0.8 | 3 | 70.0 ± 2.0 / 60.0 ± 1.0: -10.0 (a difference)")
     assert "| 50.0 ± 3.0 / 45.0 ± 1.0: -5.0 (within seed spread) | 15.0 ± 1.0 / 5.0 ± 0.5: -10.0 (a difference) |" in rows[0]
-    assert rows[1] == ("| 100 GPU epochs, skips | none / linear-0.8 | 1 | 99.0 / 98.5: -0.5 (one seed: no spread yet) | "
+    assert rows[1] == ("| 200 GPU epochs, skips | none / linear-0.8 | 1 | 99.0 / 98.5: -0.5 (one seed: no spread yet) | "
                        "90.0 / 93.0: +3.0 (one seed: no spread yet) | 20.0 / 30.0: +10.0 (one seed: no spread yet) |")
     empty = call("results/overview.py", "--root", tmp_path / "nothing", "--out", tmp_path, check=False)
     assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no summary" in empty.stderr

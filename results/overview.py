@@ -22,7 +22,7 @@ SETTINGS = [  # label, summary (under results/), baseline arm, decayed arm, epoc
     ("10 CPU epochs, skips", "curve_glyphs_cpu/spread.json", "none", "linear-0.8", None),
     ("2 CPU epochs, no skips", "study_glyphs/study.json", "none-noskips", "linear-0.8-noskips", None),
     ("10 CPU epochs, no skips", "curve_glyphs_cpu_noskips/spread.json", "none-noskips", "linear-0.8-noskips", None),
-    ("100 GPU epochs, skips", "curve_glyphs/curve.json", "none", "linear-0.8", 100),
+    ("200 GPU epochs, skips", "curve_glyphs_run2/curve.json", "none", "linear-0.8", 200),
 ]
 SHOWN = {"lp_best": "LP best block", "knn_best": "k-NN best block", "erank_last": "eff. rank last"}
 

@@ -2649,6 +2649,14 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
     assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no summary" in empty.stderr
 
 
+def test_a_curve_made_before_calls_were_listed_counts_as_one_call():
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    from curve import calls_so_far
+    legacy = {"curves": {}, "epochs": 200, "minutes": 7.5, "machine": "an H200", "command": "results/curve.py --epochs 200"}
+    assert calls_so_far(legacy) == [{"minutes": 7.5, "machine": "an H200", "command": "results/curve.py --epochs 200"}]
+    assert calls_so_far({"curves": {}}) == [] and calls_so_far({"calls": [legacy]}) == [legacy]
+
+
 def test_the_overlay_gap_pairs_log_lines_by_step():
     """A run resumed from a stop at step 30 logs a line there that its twin has not: paired by position, every later
     line would be compared with another step's."""
@@ -2744,6 +2752,7 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
     call("results/curve.py", "--arms", "none", "--out", tmp_path / "c", "--collect")  # the request is read back
     summary = json.loads((tmp_path / "c" / "curve.json").read_text())
     assert summary["curves"]["none"] == points and (summary["epochs"], summary["every"], summary["seed"]) == (2, 1, 0)
+    assert len(summary["calls"]) == 1 and summary["minutes"] == summary["calls"][0]["minutes"]  # a collect is no call
     older = {k: v for k, v in summary.items() if k != "arm_blr"}  # a curve.json from before --arm-blr was recorded
     (tmp_path / "c" / "curve.json").write_text(json.dumps(older))
     call("results/curve.py", "--arms", "none", "--out", tmp_path / "c", "--collect")
@@ -2763,3 +2772,5 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
                  f"--pretrain-args={tiny_run}", *quick)
     assert "holds a begun run, measured, but no ckpt.pt" in again.stdout and (run_dir / "log.jsonl").read_text() == log
     assert not (run_dir / "ckpt.pt").exists()  # not restarted from epoch 0 under its epoch-1 point
+    calls = json.loads((tmp_path / "c" / "curve.json").read_text())["calls"]  # the first call, then this one
+    assert [entry["command"].count("--epochs 2") for entry in calls] == [1, 1] and summary["calls"] == calls[:1]

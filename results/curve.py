@@ -10,7 +10,8 @@ then are still measured, and the next call resumes the run from its ckpt.pt (exa
 of its non-deterministic kernels). The curve is read from the JSON files, so a kept checkpoint can be deleted once
 measured; only ckpt.pt is needed to go on.
 A folder whose curve.json records another --epochs, --every, --seed or --arm-blr is refused (its runs would be
-taken as this request's); --collect takes those four from curve.json.
+taken as this request's); --collect takes those four from curve.json. curve.json lists each call that trained or
+measured (`calls`: minutes, machine, command); its `minutes` is their sum.
 """
 import argparse
 import glob
@@ -131,6 +132,14 @@ def figure(curves, out, heading):
     save_figure(fig, os.path.join(out, "curve.png"), dpi=110)
 
 
+def calls_so_far(summary):
+    """The calls of curve.py that made a curve: a run resumed across GPU loans is one curve over several calls.
+    A curve.json from before "calls" was recorded counts as its one call."""
+    if "calls" in summary:
+        return summary["calls"]
+    return [{key: summary[key] for key in ("minutes", "machine", "command")}] if "command" in summary else []
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=["none", "linear-0.8"], type=arm_name,
@@ -170,11 +179,14 @@ def main():
     for name, found in curves.items():
         print(name, " ".join(f"e{q['epoch']}: LP {q['lp_last']:.1f} (best {q['lp_best']:.1f}) "
                              f"rank {q['erank_last']:.1f}" for q in found), flush=True)
-    kept = before if args.collect else {}
+    calls = calls_so_far(before)
+    if not args.collect or not calls:  # a collect adds no call to a curve that has its own
+        calls.append({"minutes": round((time.time() - start) / 60, 1), "machine": machine(), "command": " ".join(sys.argv)})
     recorded = [key for key in RECORDED if key in before or not args.collect]  # a collect never invents a setting
     summary = {"curves": curves, **{key: getattr(args, key) for key in recorded},
-               "minutes": kept.get("minutes", round((time.time() - start) / 60, 1)),
-               "machine": kept.get("machine", machine()), "command": kept.get("command", " ".join(sys.argv))}
+               "minutes": round(sum(call["minutes"] for call in calls), 1),
+               "machine": "; ".join(dict.fromkeys(call["machine"] for call in calls)),
+               "command": calls[-1]["command"], "calls": calls}
     json.dump(summary, open(summary_path, "w"), indent=1)
     figure(curves, args.out, f"{args.epochs}-epoch runs, seed {args.seed}, "
            f"{max((p['epoch'] for c in curves.values() for p in c), default=0)} done, on {summary['machine']}")

@@ -25,8 +25,8 @@
 #        sends back each arm's ckpt.pt.gz in 15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into
 #        $CURVE_FROM/runs/<arm>/ckpt.pt.gz, and unpack the tar's curve/ over $CURVE_FROM).
 #        A begun, unfinished arm whose checkpoint was not carried skips the stage (CURVE_FRESH=1: a new curve from 0).
-#        CURVE_SEED (default 0) runs another seed of the same curve (with CURVE_FRESH=1; unpack it into a folder of
-#        its own, e.g. results/curve_glyphs_run2/seed1, which results/spread.py reads beside seed 0's).
+#        CURVE_SEED (default 0) runs another seed of the same curve (with CURVE_FRESH=1 first, then on every resume of
+#        it; unpack it into a folder of its own, e.g. results/curve_glyphs_run2/seed1, which results/spread.py reads).
 #        CURVE_FLAGS adds runtime flags to pretrain.py (e.g. "--compile-mode reduce-overhead"); CURVE_FLAGS=auto takes
 #        that one if `fast`, run before it in the same call, saw CUDA graphs beat the default compile by 10%
 # Each stage has its own time limit, so one that overruns leaves the rest standing; mfu, study, curve and levers get what is

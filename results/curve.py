@@ -4,7 +4,8 @@
 
 Each arm is `pretrain.py --keep-every EVERY`; every kept checkpoint then gets probe.py (probe_eNNN.json) and rank.py
 (rank_eNNN.json). The summary (curve.json) and the figure (curve.png: linear probe at the last and the best block,
-k-NN and effective rank at the last block, against epochs, with the raw-pixel floor of baselines.json) go to <out>.
+k-NN and effective rank at the last block, against epochs, with the raw-pixel floor of baselines.json; blocks.png:
+each arm's k-NN at every block, one line per checkpoint) go to <out>.
 --train-seconds caps each pretraining (then a Ctrl-C: pretrain.py saves the step under way): the checkpoints kept by
 then are still measured, and the next call resumes the run from its ckpt.pt (exact on CPU; on a GPU, up to the noise
 of its non-deterministic kernels). The curve is read from the JSON files, so a kept checkpoint can be deleted once
@@ -130,6 +131,23 @@ def figure(curves, out, heading):
     fig.suptitle(heading)
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "curve.png"), dpi=110)
+    by_block_figure(plt, curves, out, heading)
+
+
+def by_block_figure(plt, curves, out, heading):
+    """blocks.png: each arm's k-NN at every encoder block, one line per checkpoint, darker = later."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), sharey=True, squeeze=False)
+    for ax, (name, points) in zip(axes[0], curves.items()):
+        for i, p in enumerate(points):
+            shade = plt.cm.viridis_r(0.15 + 0.85 * (i + 1) / len(points))
+            ax.plot(range(1, len(p["knn_by_layer"]) + 1), p["knn_by_layer"], color=shade, marker=".", label=f"epoch {p['epoch']}")
+        ax.set_title(f"{name}: k-NN by block (%)")
+        ax.set_xlabel("encoder block")
+        if points:
+            ax.legend(fontsize=7)
+    fig.suptitle(heading)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out, "blocks.png"), dpi=110)
 
 
 def calls_so_far(summary):

@@ -433,6 +433,7 @@ def test_config_rejects_bad_values(bad, needle):
 # ----------------------------------------------------------------------------- data
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -2757,6 +2758,10 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
     (tmp_path / "c" / "curve.json").write_text(json.dumps(older))
     call("results/curve.py", "--arms", "none", "--out", tmp_path / "c", "--collect")
     assert json.loads((tmp_path / "c" / "curve.json").read_text()) == older  # not "arm_blr": {}, which would refuse a resume
+    legacy = {k: v for k, v in summary.items() if k != "calls"}  # a curve.json from before calls were listed
+    (tmp_path / "c" / "curve.json").write_text(json.dumps(legacy))
+    call("results/curve.py", "--arms", "none", "--out", tmp_path / "c", "--collect")
+    assert json.loads((tmp_path / "c" / "curve.json").read_text())["calls"] == summary["calls"]  # its one call, kept
     (tmp_path / "c" / "curve.json").write_text(json.dumps(summary))
     other = call("results/curve.py", "--arms", "none", "--epochs", 2, "--every", 1, "--seed", 7, "--out", tmp_path / "c",
                  check=False)  # seed 0's runs must not be measured as seed 7's
@@ -2772,5 +2777,9 @@ def test_curve_probes_each_kept_checkpoint(tmp_path):
                  f"--pretrain-args={tiny_run}", *quick)
     assert "holds a begun run, measured, but no ckpt.pt" in again.stdout and (run_dir / "log.jsonl").read_text() == log
     assert not (run_dir / "ckpt.pt").exists()  # not restarted from epoch 0 under its epoch-1 point
-    calls = json.loads((tmp_path / "c" / "curve.json").read_text())["calls"]  # the first call, then this one
+    resumed = json.loads((tmp_path / "c" / "curve.json").read_text())
+    calls = resumed["calls"]  # the first call, then this one
     assert [entry["command"].count("--epochs 2") for entry in calls] == [1, 1] and summary["calls"] == calls[:1]
+    assert resumed["minutes"] == round(calls[0]["minutes"] + calls[1]["minutes"], 1)
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "c" / "blocks.png").stat().st_size > 0 and (tmp_path / "c" / "curve.png").stat().st_size > 0

@@ -12,7 +12,8 @@ of its non-deterministic kernels). The curve is read from the JSON files, so a k
 measured; only ckpt.pt is needed to go on.
 A folder whose curve.json records another --epochs, --every, --seed or --arm-blr is refused (its runs would be
 taken as this request's); --collect takes those four from curve.json. curve.json lists each call that trained or
-measured (`calls`: minutes, machine, command); its `minutes` is their sum.
+measured (`calls`: minutes, machine, command; a call killed before it writes curve.json is missing); its `minutes`
+is their sum. A --collect adds no call, except to a folder that has no curve.json (then one marked "collect").
 """
 import argparse
 import glob
@@ -155,7 +156,7 @@ def calls_so_far(summary):
     A curve.json from before "calls" was recorded counts as its one call."""
     if "calls" in summary:
         return summary["calls"]
-    return [{key: summary[key] for key in ("minutes", "machine", "command")}] if "command" in summary else []
+    return [{key: summary.get(key) for key in ("minutes", "machine", "command")}] if "command" in summary else []
 
 
 def main():
@@ -198,12 +199,13 @@ def main():
         print(name, " ".join(f"e{q['epoch']}: LP {q['lp_last']:.1f} (best {q['lp_best']:.1f}) "
                              f"rank {q['erank_last']:.1f}" for q in found), flush=True)
     calls = calls_so_far(before)
-    if not args.collect or not calls:  # a collect adds no call to a curve that has its own
-        calls.append({"minutes": round((time.time() - start) / 60, 1), "machine": machine(), "command": " ".join(sys.argv)})
+    if not args.collect or not calls:  # a collect is no call, unless nothing else says what made the runs
+        calls.append({"minutes": round((time.time() - start) / 60, 1), "machine": machine(), "command": " ".join(sys.argv),
+                      **({"collect": True} if args.collect else {})})
     recorded = [key for key in RECORDED if key in before or not args.collect]  # a collect never invents a setting
     summary = {"curves": curves, **{key: getattr(args, key) for key in recorded},
-               "minutes": round(sum(call["minutes"] for call in calls), 1),
-               "machine": "; ".join(dict.fromkeys(call["machine"] for call in calls)),
+               "minutes": round(sum(call["minutes"] or 0 for call in calls), 1),
+               "machine": "; ".join(dict.fromkeys(str(call["machine"]) for call in calls)),
                "command": calls[-1]["command"], "calls": calls}
     json.dump(summary, open(summary_path, "w"), indent=1)
     figure(curves, args.out, f"{args.epochs}-epoch runs, seed {args.seed}, "

@@ -20,8 +20,9 @@
 # study: the glyphs study (results/study.py), the CPU preset in bf16: a study of its own (OUT/study), never mixed
 #        with the fp32 CPU runs
 # curve: results/curve.py, none and linear-0.8 at the study's blr, 200 epochs of the GPU default recipe (batch 256,
-#        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from CURVE_FROM (default
-#        results/curve_glyphs; its runs/<arm>/ckpt.pt.gz the call must carry), trains until BUDGET_S runs out, and
+#        compiled, bf16), probe + rank every 25. Resumable across loans: it starts from CURVE_FROM (no default: the
+#        curve to go on with, e.g. results/curve_glyphs_run2/seed1, whose runs/<arm>/ckpt.pt.gz the call must carry;
+#        or CURVE_FRESH=1 for a new curve from epoch 0), trains until BUDGET_S runs out, and
 #        sends back each arm's ckpt.pt.gz in 15 MiB parts (OUT/<arm>.ckpt.pt.gz.part-*: `cat` them back into
 #        $CURVE_FROM/runs/<arm>/ckpt.pt.gz, and unpack the tar's curve/ over $CURVE_FROM).
 #        A begun, unfinished arm whose checkpoint was not carried skips the stage (CURVE_FRESH=1: a new curve from 0).
@@ -158,15 +159,16 @@ if [ "${CURVE_FLAGS:-}" = auto ]; then  # CUDA graphs for the curve only if `fas
 fi
 CURVE="$OUT/curve"
 mkdir -p "$CURVE"
-CURVE_FROM=${CURVE_FROM:-results/curve_glyphs}  # the curve this call goes on with (e.g. results/curve_glyphs_run2)
+CURVE_FROM=${CURVE_FROM:-}  # the curve this call goes on with: no default, since the finished ones must not be reopened
 if [ "${CURVE_FRESH:-0}" != 1 ]; then  # an earlier call's JSONs and ckpt.pt.gz; a typo must not start a new curve
-  [ -d "$CURVE_FROM" ] && cp -r "$CURVE_FROM"/. "$CURVE" || CURVE_MISSING=1
+  [ -n "$CURVE_FROM" ] && [ -d "$CURVE_FROM" ] && cp -r "$CURVE_FROM"/. "$CURVE" || CURVE_MISSING=1
 fi
 for z in "$CURVE"/runs/*/ckpt.pt.gz; do [ -f "$z" ] && gunzip -f "$z" && echo "resuming from $z"; done
 UNCARRIED=$(for run in "$CURVE"/runs/*; do  # begun (a log), not finished, and no checkpoint: it would restart at 0
   [ -f "$run/log.jsonl" ] && [ ! -f "$run/ckpt.pt" ] && [ ! -f "$run/probe_e$(printf %03d ${CURVE_EPOCHS:-200}).json" ] && basename "$run"; done)
 if [ -n "${CURVE_MISSING:-}" ]; then
-  echo "curve: skipped: CURVE_FROM=$CURVE_FROM is not here (carry it; or CURVE_FRESH=1 starts a new curve)"
+  echo "curve: skipped: CURVE_FROM='$CURVE_FROM' is not a curve here (name the one to go on with and carry its" \
+       "checkpoints; or CURVE_FRESH=1 starts a new curve)"
 elif [ -n "$UNCARRIED" ]; then
   echo "curve: skipped: no ckpt.pt.gz carried for" $UNCARRIED "(carry them; or CURVE_FRESH=1 starts a new curve)"
 else

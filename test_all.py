@@ -2650,6 +2650,58 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
     assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no summary" in empty.stderr
 
 
+def write_depth_probe(path, knn, picked, lp=None):
+    """probe.py's JSON as results/depth.py reads it: 12 blocks of mean-pooled k-NN (and LP, the same unless given),
+    the block `picked` on validation for both."""
+    lp = lp or knn
+    head = {"pooling": "mean", "best_knn": {"layer": picked, "test": knn[picked - 1]},
+            "best_linear_probe": {"layer": picked, "test": lp[picked - 1]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"headline": head, "layers": [{"layer": b + 1, "knn_mean": k, "lp_mean": a}
+                                                             for b, (k, a) in enumerate(zip(knn, lp))]}))
+
+
+def test_depth_profile_measures_by_hand(tmp_path):
+    """Two seeds per arm of the 2-epoch skip setting. none: blocks 5-8 at 20, 10-12 at 40, 40 and 30 (seed 0, picked
+    block 10: fall 10) or 40, 40, 36 (seed 1, picked 11: fall 4); decay: 5 in the middle, 30, 40, 40 on top, picked
+    at 12 or 11 (fall 0). So fall 7 ± 3 against 0 ± 0 and top minus middle 17.67 ± 1 against 31.67 ± 0: both gaps
+    beyond twice the larger std, in the GPU's direction. The no-skip arms have one arm's runs only: no row."""
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    import depth
+    (tmp_path / "study_glyphs").mkdir()
+    (tmp_path / "study_glyphs" / "study.json").write_text(json.dumps({"table": {
+        "none": {"blr": 1.5e-3}, "linear-0.8": {"blr": 1.5e-3}, "none-noskips": {"blr": 5e-4}}}))
+    runs = tmp_path / "study_glyphs" / "runs"
+    write_depth_probe(runs / "none-blr1.5e-03-s0" / "probe.json", [10.0] * 4 + [20.0] * 4 + [30.0, 40.0, 40.0, 30.0], 10)
+    write_depth_probe(runs / "none-blr1.5e-03-s1" / "probe.json", [10.0] * 4 + [20.0] * 4 + [30.0, 40.0, 40.0, 36.0], 11)
+    for seed, picked in ((0, 12), (1, 11)):
+        write_depth_probe(runs / f"linear-0.8-blr1.5e-03-s{seed}" / "probe.json", [5.0] * 8 + [10.0, 30.0, 40.0, 40.0], picked)
+    write_depth_probe(runs / "none-noskips-blr5e-04-s0" / "probe.json", [1.0] * 12, 12)
+    result = call("results/depth.py", "--root", tmp_path, "--out", tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "depth.json").read_text())
+    assert list(summary) == ["2 CPU epochs, skips"]
+    none, decay = summary["2 CPU epochs, skips"]["arms"]["none"], summary["2 CPU epochs, skips"]["arms"]["linear-0.8"]
+    assert none["knn_fall"] == [7.0, 3.0] and decay["knn_fall"] == [0.0, 0.0]
+    assert none["knn_peak"] == [10.5, 0.5] and decay["knn_peak"] == [11.5, 0.5]
+    assert none["knn_top_minus_middle"] == pytest.approx([110 / 3 - 20 + 1, 1.0])  # 17.67: (36.67 + 38.67) / 2 - 20
+    assert decay["knn_top_minus_middle"] == pytest.approx([110 / 3 - 5, 0.0])
+    assert none["knn_by_block"][11] == [33.0, 3.0] and none["lp_fall"] == [7.0, 3.0]
+    assert summary["2 CPU epochs, skips"]["reading"] == "the GPU's shape, seen"
+    assert "| k-NN fall | 7.0 ± 3.0 | 0.0 ± 0.0 | -7.0 (a difference) |" in result.stdout
+    assert "blocks 5-8 -15.0, blocks 10-12 -1.0" in result.stdout  # 5 - 20; (30 + 40 + 40) / 3 - (40 + 40 + 33) / 3
+    # the two other calls of the protocol, on tables written by hand
+    row = lambda fall, rise, seeds=3: {"knn_fall": fall, "knn_top_minus_middle": rise, "seeds": seeds}
+    assert depth.reading({"a": row([5.0, 1.0], [5.0, 1.0]), "d": row([9.0, 1.0], [9.0, 1.0])}, "a", "d") == "against the GPU's shape"
+    assert depth.reading({"a": row([5.0, 1.0], [5.0, 1.0]), "d": row([1.0, 1.0], [6.0, 1.0])}, "a", "d") == "not separated"
+    assert depth.reading({"a": row([5.0, 0.0], [5.0, 0.0], 1), "d": row([1.0, 0.0], [9.0, 0.0])}, "a", "d") == "one seed: not tested"
+    (runs / "linear-0.8-blr1.5e-03-s1" / "probe.json").write_text(json.dumps({"headline": {"pooling": "mean"}, "layers": [
+        {"layer": 12, "knn_mean": 1.0, "lp_mean": 1.0}]}))  # probe.py --layers 12 --n-val 0
+    partial = call("results/depth.py", "--root", tmp_path, "--out", tmp_path / "out", check=False)
+    assert partial.returncode == 2 and len(partial.stderr.splitlines()) == 1 and "blocks 1-12" in partial.stderr
+    empty = call("results/depth.py", "--root", tmp_path / "nothing", "--out", tmp_path / "out", check=False)
+    assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no setting" in empty.stderr
+
+
 def test_a_curve_made_before_calls_were_listed_counts_as_one_call():
     sys.path.insert(0, os.path.join(HERE, "results"))
     from curve import calls_so_far

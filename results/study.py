@@ -246,13 +246,19 @@ def summarise(rows, arms, seed):
     return table
 
 
-def verdict(table, a, b, key):
-    """a minus b in key, called a difference only beyond twice the larger seed spread (the protocol's reading)."""
+def gap(table, a, b, key):
+    """(a minus b in key, whether that is a difference): one only beyond twice the larger seed spread (the
+    protocol's reading); None with fewer than two seeds on either side."""
     (mean_a, std_a), (mean_b, std_b) = table[a][key], table[b][key]
     if min(table[a]["seeds"], table[b]["seeds"]) < 2:
-        return f"{mean_a - mean_b:+.1f} (one seed: no spread yet)"
-    called = abs(mean_a - mean_b) > 2 * max(std_a, std_b)
-    return f"{mean_a - mean_b:+.1f} ({'a difference' if called else 'within seed spread'})"
+        return mean_a - mean_b, None
+    return mean_a - mean_b, abs(mean_a - mean_b) > 2 * max(std_a, std_b)
+
+
+def verdict(table, a, b, key):
+    difference, called = gap(table, a, b, key)
+    reading = {None: "one seed: no spread yet", True: "a difference", False: "within seed spread"}[called]
+    return f"{difference:+.1f} ({reading})"
 
 
 def markdown(table, pairs):

@@ -2,7 +2,8 @@
 embedded "glyphs" set (drawn by glyphs.py) and torchvision datasets, both held in memory as uint8 tensors, and
 ImageFolder roots with train/ and val/.
 
-ImageFolder files and folders whose names start with "." (macOS's ._x.jpg, .ipynb_checkpoints) are not data.
+ImageFolder files and folders whose names start with "." (macOS's ._x.jpg, .ipynb_checkpoints) are not data, and
+symbolic links are followed to each real folder once (walk_once).
 Unreadable files (and those over Pillow's decompression-bomb limit) are skipped lazily: the next readable item
 is served instead (within a Sample, the sample's next one), and a running count of the files found unreadable
 (shared by the DataLoader's workers) is printed at 1, 10, 100, ..., so a large folder is never pre-scanned.
@@ -82,8 +83,33 @@ def class_folders(path):
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
+def walk_once(top):
+    """os.walk(top, followlinks=True) as [(folder, file names)], listing each real folder once. A link is not
+    followed to a folder seen already, to one inside top (the walk gets there without it), or to one holding top:
+    that would loop (40 levels deep, or forever with two such links) and give top's class its siblings' images.
+    Also returns the links not followed."""
+    top_real = os.path.realpath(top)
+    seen, folders, skipped = {top_real}, [], []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        dirs.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))  # real folders before links
+        keep = []
+        for name in dirs:
+            path = os.path.join(root, name)
+            real = os.path.realpath(path)
+            inside, holds = real.startswith(top_real + os.sep), top_real.startswith(real + os.sep)
+            if real in seen or (os.path.islink(path) and (inside or holds)):
+                skipped.append(path)
+            else:
+                seen.add(real)
+                keep.append(name)
+        dirs[:] = keep
+        folders.append((root, files))
+    return folders, skipped
+
+
 class SkippingImageFolder(torchvision.datasets.ImageFolder):
-    """An ImageFolder that serves the next readable image in place of one that fails to decode."""
+    """An ImageFolder that serves the next readable image in place of one that fails to decode, and lists each
+    real file once however many symbolic links lead to it (walk_once)."""
 
     def __init__(self, root, transform):
         visible = functools.partial(visible_image, os.path.expanduser(root))
@@ -97,6 +123,23 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
         if not classes:
             raise FileNotFoundError(f"no class folder in {directory}")
         return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's make_dataset (the same list for a folder without repeated links) over walk_once."""
+        samples, skipped = [], []
+        for name in sorted(class_to_idx):
+            folders, skips = walk_once(os.path.join(directory, name))
+            skipped += skips
+            found = [os.path.join(root, f) for root, files in sorted(folders) for f in sorted(files)]
+            mine = [(path, class_to_idx[name]) for path in found if is_valid_file(path)]
+            if not mine and not allow_empty:
+                raise FileNotFoundError(f"no image file in the class folder {name!r}")
+            samples += mine
+        if skipped:
+            print(f"warning: {len(skipped)} symbolic link(s) under {directory} lead to a folder already listed or to "
+                  f"one holding their class folder; not followed, e.g. {skipped[0]}", file=sys.stderr)
+        return samples
 
     def __getitem__(self, index):
         return self.first_readable((index + offset) % len(self) for offset in range(len(self)))

@@ -7,6 +7,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torchvision.transforms import v2
 
 import glyphs
@@ -630,6 +631,34 @@ def test_image_folder_ignores_hidden_files_and_names_each_broken_file_once(tmp_p
     assert labels == [0, 0, 0, 1, 1, 1, 1, 1] * 2 and folder.bad.nonzero().flatten().tolist() == [3, 4]  # as dog 0
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 1 unreadable") and "broken0.png" in warnings[0]
+
+
+def test_image_folder_follows_each_symbolic_link_once(tmp_path, capsys):
+    """Without repeated links the file list is torchvision's ImageFolder's (nested folders, a class folder that is
+    a link, a linked subfolder). A link to an ancestor (cat/up -> train/) made torchvision list 40 levels of
+    up/cat/up/... and file the dog images under cat; a second route to one folder (dog/again -> dog/sub) listed
+    its files twice. Now each real file comes once, under its own class, and one warning names the links."""
+    from PIL import Image
+    root = write_png_folder(str(tmp_path / "imgs"), n_per_class=2, size=8)
+    train = os.path.join(root, "train")
+    os.makedirs(os.path.join(train, "dog", "sub", "deeper"))
+    for folder in ("sub", os.path.join("sub", "deeper")):
+        Image.new("RGB", (8, 8)).save(os.path.join(train, "dog", folder, "n.png"))
+    os.makedirs(tmp_path / "elsewhere" / "birds")
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "birds" / "b.png")
+    for split in ("train", "val"):  # a class folder kept elsewhere
+        os.symlink(tmp_path / "elsewhere" / "birds", os.path.join(root, split, "bird"))
+    os.symlink(tmp_path / "elsewhere" / "birds", os.path.join(train, "cat", "linked"))  # a linked subfolder
+    reference = torchvision.datasets.ImageFolder(train).samples
+    assert data.get_dataset(root, "pretrain", 8, False).samples == reference and len(reference) == 8
+    assert capsys.readouterr().err == ""
+    os.symlink(train, os.path.join(train, "cat", "up"))
+    os.symlink(os.path.join(train, "dog", "sub"), os.path.join(train, "dog", "again"))
+    assert len(torchvision.datasets.ImageFolder(train).samples) > 100  # the old listing, for contrast
+    folder = data.get_dataset(root, "pretrain", 8, False)
+    assert folder.samples == reference
+    warning = capsys.readouterr().err.splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: 2 symbolic link(s)") and "not followed" in warning[0]
 
 
 def test_loader_workers_share_the_unreadable_files_they_find(tmp_path, capfd):

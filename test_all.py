@@ -717,6 +717,25 @@ def test_image_folder_loads_with_both_transforms(tmp_path):
     assert (img - (ref - mean) / std).abs().mean() < 0.05
 
 
+def test_evaluation_cuts_a_banner_before_resizing_it(tmp_path):
+    """A 40,000 x 1 image took 43 s and 11 GB to resize for evaluation. Cut to 16 : 1 about its centre first (an
+    even cut, so the centre stays), the kept middle is torchvision's plain Resize + CenterCrop of the whole image,
+    to the pixel here (3001 x 1, 1601 x 100) or within 2 levels of 255 (5001 x 97, where the two resized widths
+    differ by a fraction of a pixel). Images up to 16 : 1 are not touched."""
+    from PIL import Image
+    sizes = {(4000, 1): (16, 1), (4001, 1): (17, 1), (1, 3000): (1, 16), (300, 20): (300, 20), (1700, 100): (1600, 100)}
+    for size, kept in sizes.items():
+        assert data.cap_aspect(Image.new("RGB", size)).size == kept, size
+    evaluation = data._transform("imagenet", 32, train_aug=False)
+    plain = v2.Compose([t for t in evaluation.transforms if t is not data.cap_aspect])
+    assert len(plain.transforms) == len(evaluation.transforms) - 1
+    rng = np.random.default_rng(0)
+    for (width, height), levels in (((3001, 1), 0), ((1601, 100), 0), ((5001, 97), 2)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        gap = (evaluation(image) - plain(image)).abs() * torch.tensor(data.MEAN_STD["imagenet"][1]).view(3, 1, 1) * 255
+        assert gap.max() <= levels + 1e-3, (width, height, gap.max())
+
+
 # ----------------------------------------------------------------------------- pretraining recipe
 
 def test_lr_schedule_shape():

@@ -1,6 +1,7 @@
 """Where in depth each arm's classes sit: k-NN and linear probe by encoder block, mean and population std over
-seeds, for the overview's four CPU settings, with the GPU curve's epoch 200 beside them. Protocol (written before
-the analysis) and results: results/README.md, "Where in depth the classes sit".
+seeds, for the overview's four CPU settings, with the GPU curve's epoch 200 beside them, and at 2 epochs the
+stronger decays (alpha_min 0.7, 0.6) against the same baseline. Protocol (written before the analysis) and
+results: results/README.md, "Where in depth the classes sit".
 
     python results/depth.py    # reads the committed probe JSON; writes depth.json, depth.md, depth.png
 
@@ -40,6 +41,8 @@ SETTINGS = [  # label, baseline arm, decayed arm, where one run's probe JSON lie
     ("2 CPU epochs, no skips", "none-noskips", "linear-0.8-noskips", study_run),
     ("10 CPU epochs, no skips", "none-noskips", "linear-0.8-noskips", curve_run("curve_glyphs_cpu_noskips", 10)),
     ("200 GPU epochs, skips", "none", "linear-0.8", curve_run("curve_glyphs_run2", 200)),
+    ("2 CPU epochs, skips, decay to 0.7", "none", "linear-0.7", study_run),  # the dose check (amendment)
+    ("2 CPU epochs, skips, decay to 0.6", "none", "linear-0.6", study_run),
 ]
 SEEDS = (0, 1, 2)
 
@@ -129,9 +132,17 @@ def markdown(rows):
 def figure(rows, out):
     if (plt := pyplot()) is None:
         return
-    fig, axes = plt.subplots(len(KINDS), len(rows), figsize=(4.2 * len(rows), 7), sharex=True, squeeze=False)
-    for column, (label, base, decayed, table, call) in enumerate(rows):
-        for ax, (kind, (_, name)) in zip(axes[:, column], KINDS.items()):
+    columns = min(4, len(rows))
+    lines_of_settings = -(-len(rows) // columns)
+    fig, axes = plt.subplots(len(KINDS) * lines_of_settings, columns, figsize=(4.2 * columns, 3.5 * len(KINDS) * lines_of_settings),
+                             squeeze=False)
+    place = lambda i: (len(KINDS) * (i // columns), i % columns)  # setting i: its first row, its column
+    for i in range(len(rows), lines_of_settings * columns):
+        for ax in axes[place(i)[0]:place(i)[0] + len(KINDS), place(i)[1]]:
+            ax.set_visible(False)
+    for i, (label, base, decayed, table, call) in enumerate(rows):
+        top_row, column = place(i)
+        for ax, (kind, (_, name)) in zip(axes[top_row:top_row + len(KINDS), column], KINDS.items()):
             for arm in (base, decayed):
                 mean, std = zip(*table[arm][f"{kind}_by_block"])
                 blocks = range(1, len(mean) + 1)
@@ -141,7 +152,7 @@ def figure(rows, out):
                 ax.axvspan(first - 0.5, last + 0.5, color="grey", alpha=0.08)
             ax.set_title(f"{label}\n{name} by block (%)" if kind == "knn" else f"{name} by block (%)", fontsize=9)
             ax.legend(fontsize=7)
-        axes[-1, column].set_xlabel(f"encoder block\n{call}", fontsize=8)
+        axes[top_row + len(KINDS) - 1, column].set_xlabel(f"encoder block\n{call}", fontsize=8)
     fig.suptitle("glyphs: where in depth each arm's classes sit (mean over seeds, band = 1 std; grey: blocks 5-8 and 10-12)")
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "depth.png"), dpi=100)

@@ -3,7 +3,7 @@ embedded "glyphs" set (drawn by glyphs.py) and torchvision datasets, both held i
 ImageFolder roots with train/ and val/.
 
 ImageFolder files and folders whose names start with "." (macOS's ._x.jpg, .ipynb_checkpoints) are not data, and
-symbolic links are followed to each real folder once (walk_once).
+symbolic links are followed to each real folder once per class (walk_once).
 Unreadable files (and those over Pillow's decompression-bomb limit) are skipped lazily: the next readable item
 is served instead (within a Sample, the sample's next one), and a running count of the files found unreadable
 (shared by the DataLoader's workers) is printed at 1, 10, 100, ..., so a large folder is never pre-scanned.
@@ -84,20 +84,24 @@ def class_folders(path):
 
 
 def walk_once(top):
-    """os.walk(top, followlinks=True) as [(folder, file names)], listing each real folder once. A link is not
-    followed to a folder seen already, to one inside top (the walk gets there without it), or to one holding top:
-    that would loop (40 levels deep, or forever with two such links) and give top's class its siblings' images.
-    Also returns the links not followed."""
+    """os.walk(top, followlinks=True) as [(folder, file names)], entering each real folder once and no hidden one
+    (visible_image refuses their files anyway). A folder that a symbolic link leads to is not entered when it was
+    entered already, when the walk reaches it without the link (inside top, on a visible path), or when it holds
+    top: such a link would loop (40 levels deep, or forever with two of them) and give top's class its siblings'
+    images. Also returns the folders not entered for these reasons."""
     top_real = os.path.realpath(top)
     seen, folders, skipped = {top_real}, [], []
     for root, dirs, files in os.walk(top, followlinks=True):
-        dirs.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))  # real folders before links
         keep = []
-        for name in dirs:
+        for name in sorted(dirs):  # sorted: which of two routes to one folder is kept must not depend on the disk
+            if name.startswith("."):
+                continue
             path = os.path.join(root, name)
             real = os.path.realpath(path)
-            inside, holds = real.startswith(top_real + os.sep), top_real.startswith(real + os.sep)
-            if real in seen or (os.path.islink(path) and (inside or holds)):
+            below = os.path.relpath(real, top_real).split(os.sep)
+            reached_anyway = real.startswith(top_real + os.sep) and not any(part.startswith(".") for part in below)
+            holds_top = top_real.startswith(real + os.sep)
+            if real in seen or (os.path.islink(path) and (reached_anyway or holds_top)):
                 skipped.append(path)
             else:
                 seen.add(real)
@@ -109,7 +113,7 @@ def walk_once(top):
 
 class SkippingImageFolder(torchvision.datasets.ImageFolder):
     """An ImageFolder that serves the next readable image in place of one that fails to decode, and lists each
-    real file once however many symbolic links lead to it (walk_once)."""
+    real folder once per class however many symbolic links lead to it (walk_once)."""
 
     def __init__(self, root, transform):
         visible = functools.partial(visible_image, os.path.expanduser(root))
@@ -137,8 +141,8 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
                 raise FileNotFoundError(f"no image file in the class folder {name!r}")
             samples += mine
         if skipped:
-            print(f"warning: {len(skipped)} symbolic link(s) under {directory} lead to a folder already listed or to "
-                  f"one holding their class folder; not followed, e.g. {skipped[0]}", file=sys.stderr)
+            print(f"warning: {len(skipped)} folder(s) under {directory} reached through symbolic links were listed "
+                  f"already, lie inside their class folder or hold it; not entered, e.g. {skipped[0]}", file=sys.stderr)
         return samples
 
     def __getitem__(self, index):
@@ -187,9 +191,10 @@ MAX_ASPECT = 16
 
 
 def cap_aspect(image):
-    """An image cut to at most MAX_ASPECT : 1 about its centre. Evaluation resizes the short side to 256 and keeps
-    the middle 224 x 224: from a 40,000 x 1 banner Resize alone makes 10,240,000 x 256 pixels (43 s and 11 GB in
-    one loader worker); cut to 16 x 1 first, the same middle comes out of 4,096 x 256."""
+    """An image cut to MAX_ASPECT : 1 about its centre (one pixel more where that makes the cut even, so that the
+    centre stays) when it is longer. Evaluation resizes the short side to 256 and keeps the middle 224 x 224: from
+    a 40,000 x 1 banner Resize alone makes 10,240,000 x 256 pixels (43 s and 11 GB in one loader worker); cut to
+    16 x 1 first, the middle comes out of 4,096 x 256, the same up to how the two resizes round (results/README)."""
     height, width = v2.functional.get_size(image)
     short, long = min(height, width), max(height, width)
     if long <= MAX_ASPECT * short:

@@ -1,5 +1,6 @@
 """Every stage, checked against independent references on CPU.  python -m pytest -q test_all.py"""
 import errno
+import functools
 import itertools
 import math
 import operator
@@ -635,30 +636,39 @@ def test_image_folder_ignores_hidden_files_and_names_each_broken_file_once(tmp_p
 
 def test_image_folder_follows_each_symbolic_link_once(tmp_path, capsys):
     """Without repeated links the file list is torchvision's ImageFolder's (nested folders, a class folder that is
-    a link, a linked subfolder). A link to an ancestor (cat/up -> train/) made torchvision list 40 levels of
-    up/cat/up/... and file the dog images under cat; a second route to one folder (dog/again -> dog/sub) listed
-    its files twice. Now each real file comes once, under its own class, and one warning names the links."""
+    a link, a linked subfolder, a visible link to a hidden folder). Then the links torchvision followed too often:
+    cat/up -> train/ (it listed 40 levels of up/cat/up/... and filed the dog images under cat), dog/again ->
+    dog/sub (its files twice), dog/l1 and dog/l2 -> an outside folder that links to itself (its file twice, then
+    a loop). Now each real folder comes once, under its own class, and one warning counts the 4 not entered."""
     from PIL import Image
     root = write_png_folder(str(tmp_path / "imgs"), n_per_class=2, size=8)
     train = os.path.join(root, "train")
-    os.makedirs(os.path.join(train, "dog", "sub", "deeper"))
-    for folder in ("sub", os.path.join("sub", "deeper")):
-        Image.new("RGB", (8, 8)).save(os.path.join(train, "dog", folder, "n.png"))
-    os.makedirs(tmp_path / "elsewhere" / "birds")
-    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "birds" / "b.png")
+    outside = tmp_path / "elsewhere"
+    for folder in (os.path.join(train, "dog", "sub", "deeper"), os.path.join(train, "cat", ".cache", "sub"),
+                   outside / "birds", outside / "E"):
+        os.makedirs(folder)
+    for folder in ("dog/sub", "dog/sub/deeper", "cat/.cache/sub"):
+        Image.new("RGB", (8, 8)).save(os.path.join(train, folder, "n.png"))
+    for folder in ("birds", "E"):
+        Image.new("RGB", (8, 8)).save(outside / folder / "o.png")
     for split in ("train", "val"):  # a class folder kept elsewhere
-        os.symlink(tmp_path / "elsewhere" / "birds", os.path.join(root, split, "bird"))
-    os.symlink(tmp_path / "elsewhere" / "birds", os.path.join(train, "cat", "linked"))  # a linked subfolder
-    reference = torchvision.datasets.ImageFolder(train).samples
-    assert data.get_dataset(root, "pretrain", 8, False).samples == reference and len(reference) == 8
+        os.symlink(outside / "birds", os.path.join(root, split, "bird"))
+    os.symlink(outside / "birds", os.path.join(train, "cat", "linked"))  # a linked subfolder
+    os.symlink(os.path.join(train, "cat", ".cache", "sub"), os.path.join(train, "cat", "vis"))  # listed as cat/vis
+    visible = functools.partial(data.visible_image, train)
+    reference = torchvision.datasets.ImageFolder(train, is_valid_file=visible).samples
+    assert data.get_dataset(root, "pretrain", 8, False).samples == reference and len(reference) == 9
     assert capsys.readouterr().err == ""
     os.symlink(train, os.path.join(train, "cat", "up"))
     os.symlink(os.path.join(train, "dog", "sub"), os.path.join(train, "dog", "again"))
-    assert len(torchvision.datasets.ImageFolder(train).samples) > 100  # the old listing, for contrast
+    for link in ("l1", "l2"):
+        os.symlink(outside / "E", os.path.join(train, "dog", link))
+    os.symlink(outside / "E", outside / "E" / "me")
+    assert len(torchvision.datasets.ImageFolder(train, is_valid_file=visible).samples) > 100  # the old listing
     folder = data.get_dataset(root, "pretrain", 8, False)
-    assert folder.samples == reference
+    assert sorted(folder.samples) == sorted(reference + [(os.path.join(train, "dog", "l1", "o.png"), 2)])
     warning = capsys.readouterr().err.splitlines()
-    assert len(warning) == 1 and warning[0].startswith("warning: 2 symbolic link(s)") and "not followed" in warning[0]
+    assert len(warning) == 1 and warning[0].startswith("warning: 4 folder(s)") and "not entered" in warning[0]
 
 
 def test_loader_workers_share_the_unreadable_files_they_find(tmp_path, capfd):

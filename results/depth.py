@@ -6,7 +6,7 @@ results: results/README.md, "Where in depth the classes sit".
     python results/depth.py    # reads the committed probe JSON; writes depth.json, depth.md, depth.png
 
 Per run, from probe.py's JSON in its headline pooling (test accuracy, block picked on validation):
-  fall              accuracy at the picked block minus at the last block
+  fall              accuracy at the picked block minus at the last block (below 0 when the pick tests worse)
   peak              the picked block's number
   top_minus_middle  mean over blocks 10-12 minus mean over blocks 5-8
 Decay minus the baseline is read by the study's rule (a difference only beyond twice the larger seed std).
@@ -55,7 +55,7 @@ def run_measures(path):
     measures = {}
     for kind, (best, _) in KINDS.items():
         acc = {row["layer"]: row[f"{kind}_{head['pooling']}"] for row in probe["layers"]}
-        if best not in head or not set(MIDDLE + TOP) <= set(acc) or max(acc) != max(TOP):
+        if best not in head or sorted(acc) != list(range(1, max(TOP) + 1)):
             fail(f"{path}: needs blocks 1-12 probed and a block picked on validation (probe.py's defaults)")
         measures[kind] = {"by_block": [acc[b] for b in sorted(acc)], "fall": head[best]["test"] - acc[max(acc)],
                           "peak": head[best]["layer"],
@@ -93,7 +93,10 @@ def reading(table, base, decayed):
 def collect(root):
     """[(label, base, decayed, {arm: arm_table}, reading)] for each setting with both arms found."""
     study_path = os.path.join(root, "study_glyphs", "study.json")
-    chosen = json.load(open(study_path))["table"] if os.path.exists(study_path) else {}
+    chosen = {}
+    if os.path.exists(study_path):
+        with open(study_path) as f:
+            chosen = json.load(f)["table"]
     rows = []
     for label, base, decayed, where in SETTINGS:
         table = {}
@@ -132,17 +135,15 @@ def markdown(rows):
 def figure(rows, out):
     if (plt := pyplot()) is None:
         return
-    columns = min(4, len(rows))
-    lines_of_settings = -(-len(rows) // columns)
-    fig, axes = plt.subplots(len(KINDS) * lines_of_settings, columns, figsize=(4.2 * columns, 3.5 * len(KINDS) * lines_of_settings),
-                             squeeze=False)
-    place = lambda i: (len(KINDS) * (i // columns), i % columns)  # setting i: its first row, its column
-    for i in range(len(rows), lines_of_settings * columns):
-        for ax in axes[place(i)[0]:place(i)[0] + len(KINDS), place(i)[1]]:
-            ax.set_visible(False)
+    columns = min(4, len(rows))  # settings side by side, then a new line of settings: a k-NN row and an LP row
+    grid_rows = len(KINDS) * -(-len(rows) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.5 * grid_rows), squeeze=False)
+    for ax in axes.flat:  # shown again below where a setting is drawn
+        ax.set_visible(False)
     for i, (label, base, decayed, table, call) in enumerate(rows):
-        top_row, column = place(i)
+        top_row, column = len(KINDS) * (i // columns), i % columns
         for ax, (kind, (_, name)) in zip(axes[top_row:top_row + len(KINDS), column], KINDS.items()):
+            ax.set_visible(True)
             for arm in (base, decayed):
                 mean, std = zip(*table[arm][f"{kind}_by_block"])
                 blocks = range(1, len(mean) + 1)

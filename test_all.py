@@ -2708,6 +2708,17 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
     assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no summary" in empty.stderr
 
 
+def test_decay_as_lr_scales_print_each_schedules_multipliers(tmp_path):
+    """--scales trains nothing and prints, per schedule, the last branch's lr multiplier 1 / prod(alpha_k) over
+    the 24 sub-layers of 12 blocks: for linear to 0.6 the paper's alphas 1 - 0.4 k / 23 written out here (279.5),
+    and for exp to 0.6, alpha_min ** (k / 23), 0.6 ** -12 = 459.4."""
+    result = call("results/decay_as_lr.py", "--scales", "--out", tmp_path)
+    linear = 1 / math.prod(1 - 0.4 * k / 23 for k in range(24))
+    assert f"linear to 0.6: alphas 1.000 ... 0.600, lr multiplier of the branches 1.00 ... {linear:.1f}" in result.stdout
+    assert f"exp to 0.6: alphas 1.000 ... 0.600, lr multiplier of the branches 1.00 ... {0.6 ** -12:.1f}" in result.stdout
+    assert len(result.stdout.splitlines()) >= 2 * (len(M.SCHEDULES) - 1) and not (tmp_path / "overlay.json").exists()
+
+
 def write_depth_probe(path, knn, picked, lp=None):
     """probe.py's JSON as results/depth.py reads it: 12 blocks of mean-pooled k-NN (and LP, the same unless given),
     the block `picked` on validation for both."""

@@ -5,6 +5,7 @@ overlay each other and not the residual one (README, "Decay is a learning rate")
     python results/decay_as_lr.py                                   # three default runs, two at a time, then the figure
     python results/decay_as_lr.py --out /tmp/x --pretrain-args="--max-steps 100"      # a quick look
     python results/decay_as_lr.py --init-only      # the two forms' gap at initialisation alone, in seconds
+    python results/decay_as_lr.py --scales         # every schedule's alphas and per-branch lr multipliers (scales.png)
 
 Runs go to <out>/<form>/ (the default command plus the form's flags); overlay.png and overlay.json go to <out>. A
 run whose checkpoint exists is resumed (a finished one ends at once, untouched). Last, probe.py compares the decayed
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from common import pyplot, save_figure  # noqa: E402
-from model import MAE, preset  # noqa: E402
+from model import MAE, SCHEDULES, encoder_alphas, preset, stream_scales  # noqa: E402
 from pretrain import CPU_PRESET  # noqa: E402
 
 FORMS = {"decayed": ["--alpha-schedule", "linear"], "decay as lr": ["--alpha-schedule", "linear", "--decay-as-lr"],
@@ -86,13 +87,43 @@ def max_gap(curve_a, curve_b):
     return max(abs(loss_a[s] - loss_b[s]) for s in loss_a.keys() & loss_b.keys())
 
 
+def schedule_scales(out, depth=12, alpha_mins=(0.6, 0.8)):
+    """Each decaying schedule's alpha per sub-layer and the lr multiplier 1 / c_k that its training amounts to on
+    that sub-layer's last layer under AdamW (decay_scales): what an edit of alpha() does, printed and drawn."""
+    plt = pyplot()
+    if plt is not None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for n, schedule in enumerate(s for s in SCHEDULES if s != "none"):  # a colour per schedule, a dash per alpha_min
+        for alpha_min, dash in zip(alpha_mins, ("-", "--", ":", "-.")):
+            alphas, c = encoder_alphas(depth, schedule, alpha_min), stream_scales(depth, schedule, alpha_min)
+            print(f"{schedule} to {alpha_min}: alphas {alphas[0]:.3f} ... {alphas[-1]:.3f}, lr multiplier of the "
+                  f"branches {1 / c[0]:.2f} ... {1 / c[-1]:.1f}")
+            if plt is not None:
+                style = dict(marker=".", linestyle=dash, color=f"C{n}")
+                left.plot(range(len(alphas)), alphas, label=f"{schedule} to {alpha_min}", **style)
+                right.plot(range(len(c)), [1 / x for x in c], **style)
+    if plt is None:
+        return
+    left.set(xlabel=f"encoder sub-layer k (0: the first attention, {2 * depth - 1}: the last MLP)", ylabel="shortcut weight alpha_k",
+             title="x = alpha_k * x + f(x)")
+    right.set(xlabel="encoder sub-layer k", ylabel="lr multiplier 1 / (alpha_0 ... alpha_k)", yscale="log",
+              title="the same training as the residual encoder with these lrs (AdamW)")
+    left.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out, "scales.png"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "decay_as_lr"))
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2)")
     p.add_argument("--pretrain-args", default="", help="more pretrain.py flags, e.g. --pretrain-args=\"--max-steps 100\"")
     p.add_argument("--init-only", action="store_true", help="print the two forms' gap at initialisation, train nothing")
+    p.add_argument("--scales", action="store_true",
+                   help="print and draw (scales.png in --out) every schedule's alphas and lr multipliers, train nothing")
     args = p.parse_args()
+    if args.scales:
+        return schedule_scales(args.out)
     folders = {form: os.path.join(args.out, form.replace(" ", "_")) for form in FORMS}
 
     def train(form):

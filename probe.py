@@ -153,6 +153,7 @@ def extract_features(model, loader, device, layers, on_tokens=None, name="featur
     """
     model.eval().to(device)
     parts, seen, start = {key: [] for key in (*POOLINGS, "labels")}, 0, time.time()
+    said = start
     for i, (imgs, labels) in enumerate(iter_holding_signals(loader)):
         with precision(device, dtype):
             blocks = model.features(imgs.to(device, non_blocking=True))
@@ -163,8 +164,9 @@ def extract_features(model, loader, device, layers, on_tokens=None, name="featur
         if on_tokens is not None:
             on_tokens(tokens)
         seen += len(labels)
-        if (i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader):
-            print(f"  {name}: {seen}/{len(loader.dataset)} images, {seen / (time.time() - start):.0f} img/s")
+        if time.time() - said > 10 or i + 1 == len(loader):  # a line every 10 s and at the end, not a page of them
+            said = time.time()
+            print(f"  {name}: {seen}/{len(loader.dataset)} images, {seen / (said - start):.0f} img/s")
     return {key: torch.cat(value, dim=-2 if key in POOLINGS else 0) for key, value in parts.items()}
 
 

@@ -4,6 +4,7 @@ import functools
 import itertools
 import math
 import operator
+import re
 
 import pytest
 import torch
@@ -340,6 +341,11 @@ def test_a_checkpoint_refuses_an_edited_alpha(tmp_path):
     edited = lambda t, schedule="linear", alpha_min=0.6: paper(t ** 0.5 if schedule == "linear" else t, schedule, alpha_min)
     with mock.patch.object(M, "alpha", edited), pytest.raises(ValueError, match="sub-layer 1, but alpha.. now gives"):
         M.MAE.from_checkpoint(str(tmp_path / "ckpt.pt"))
+    nudged = lambda t, schedule="linear", alpha_min=0.6: paper(t, schedule, alpha_min) + 3e-6 * (t > 0)
+    with mock.patch.object(M, "alpha", nudged), pytest.raises(ValueError) as refused:  # the message shows the change
+        M.MAE.from_checkpoint(str(tmp_path / "ckpt.pt"))
+    then, now = re.search(r"giving ([\d.]+) at sub-layer 1, but alpha\(\) now gives ([\d.]+)", str(refused.value)).groups()
+    assert then != now and float(now) - float(then) == pytest.approx(3e-6, abs=1e-6), refused.value
     older = {k: v for k, v in torch.load(tmp_path / "ckpt.pt", weights_only=True).items() if k != "alphas"}
     with mock.patch.object(M, "alpha", edited):  # written before checkpoints held their alphas: nothing to check
         assert M.MAE.from_checkpoint(older).alphas[1] == pytest.approx(1 - 0.4 * (1 / 23) ** 0.5)
@@ -2697,8 +2703,8 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
     (tmp_path / "curve_glyphs_run2").mkdir()
     (tmp_path / "curve_glyphs_run2" / "curve.json").write_text(json.dumps({"curves": {
         "none": [point(100, 1.0, 1.0, 1.0), point(200, 99.0, 90.0, 20.0)], "linear-0.8": [point(200, 98.5, 93.0, 30.0)]}}))
-    result = call("results/overview.py", "--root", tmp_path, "--out", tmp_path)
-    rows = [line for line in (tmp_path / "overview.md").read_text().splitlines() if line.startswith("| ") and "epochs" in line]
+    result = call("results/overview.py", "--root", tmp_path, "--out", tmp_path / "new")  # a folder made for it
+    rows = [line for line in (tmp_path / "new" / "overview.md").read_text().splitlines() if line.startswith("| ") and "epochs" in line]
     assert len(rows) == 2 and rows == [line for line in result.stdout.splitlines() if line in rows]
     assert rows[0].startswith("| 2 CPU epochs, skips | none / linear-0.8 | 3 | 70.0 ± 2.0 / 60.0 ± 1.0: -10.0 (a difference)")
     assert "| 50.0 ± 3.0 / 45.0 ± 1.0: -5.0 (within seed spread) | 15.0 ± 1.0 / 5.0 ± 0.5: -10.0 (a difference) |" in rows[0]
@@ -2712,11 +2718,14 @@ def test_decay_as_lr_scales_print_each_schedules_multipliers(tmp_path):
     """--scales trains nothing and prints, per schedule, the last branch's lr multiplier 1 / prod(alpha_k) over
     the 24 sub-layers of 12 blocks: for linear to 0.6 the paper's alphas 1 - 0.4 k / 23 written out here (279.5),
     and for exp to 0.6, alpha_min ** (k / 23), 0.6 ** -12 = 459.4."""
-    result = call("results/decay_as_lr.py", "--scales", "--out", tmp_path)
+    result = call("results/decay_as_lr.py", "--scales", "--out", tmp_path / "new")  # a folder made for it
     linear = 1 / math.prod(1 - 0.4 * k / 23 for k in range(24))
     assert f"linear to 0.6: alphas 1.000 ... 0.600, lr multiplier of the branches 1.00 ... {linear:.1f}" in result.stdout
     assert f"exp to 0.6: alphas 1.000 ... 0.600, lr multiplier of the branches 1.00 ... {0.6 ** -12:.1f}" in result.stdout
-    assert len(result.stdout.splitlines()) >= 2 * (len(M.SCHEDULES) - 1) and not (tmp_path / "overlay.json").exists()
+    assert len(result.stdout.splitlines()) >= 2 * (len(M.SCHEDULES) - 1) and not (tmp_path / "new" / "overlay.json").exists()
+    with mock.patch.object(M, "SCHEDULES", (*M.SCHEDULES, "sqrt")):  # a name added before its formula
+        half_done = call("results/decay_as_lr.py", "--scales", "--out", tmp_path, check=False)
+    assert half_done.returncode == 2 and len(half_done.stderr.splitlines()) == 1 and "'sqrt'" in half_done.stderr
 
 
 def write_depth_probe(path, knn, picked, lp=None):

@@ -27,7 +27,7 @@ from study import machine, resume_flag, sh, stop_in_one_line  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from common import pyplot, save_figure  # noqa: E402
+from common import fail, pyplot, save_figure  # noqa: E402
 from model import MAE, SCHEDULES, encoder_alphas, preset, stream_scales  # noqa: E402
 from pretrain import CPU_PRESET  # noqa: E402
 
@@ -95,7 +95,10 @@ def schedule_scales(out, depth=12, alpha_mins=(0.6, 0.8)):
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for n, schedule in enumerate(s for s in SCHEDULES if s != "none"):  # a colour per schedule, a dash per alpha_min
         for alpha_min, dash in zip(alpha_mins, ("-", "--", ":", "-.")):
-            alphas, c = encoder_alphas(depth, schedule, alpha_min), stream_scales(depth, schedule, alpha_min)
+            try:
+                alphas, c = encoder_alphas(depth, schedule, alpha_min), stream_scales(depth, schedule, alpha_min)
+            except ValueError as error:  # an edit of alpha() that cannot give this schedule's alphas
+                fail(str(error))
             print(f"{schedule} to {alpha_min}: alphas {alphas[0]:.3f} ... {alphas[-1]:.3f}, lr multiplier of the "
                   f"branches {1 / c[0]:.2f} ... {1 / c[-1]:.1f}")
             if plt is not None:
@@ -122,6 +125,7 @@ def main():
     p.add_argument("--scales", action="store_true",
                    help="print and draw (scales.png in --out) every schedule's alphas and lr multipliers, train nothing")
     args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     if args.scales:
         return schedule_scales(args.out)
     folders = {form: os.path.join(args.out, form.replace(" ", "_")) for form in FORMS}

@@ -98,6 +98,7 @@ def main():
     if not rows:
         print(f"overview.py: no summary under {args.root} holds both arms of any setting", file=sys.stderr)
         sys.exit(2)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "overview.md"), "w") as f:
         f.write(markdown(rows) + "\n")
     figure(rows, args.out)

@@ -62,6 +62,7 @@ def main():
     p.add_argument("--out", help="folder for spread.json and spread.md (default: the first of --dirs)")
     args = p.parse_args()
     args.out = args.out or args.dirs[0]
+    os.makedirs(args.out, exist_ok=True)
     check_dirs(args.dirs)
     table = spread(args.dirs, args.arms, args.epoch)
     if not table:

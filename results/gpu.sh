@@ -59,11 +59,11 @@ if [ "$QUICK" = 1 ]; then
   BENCH="--model vit_p4_32 --batch-size 32 --steps 2"; DEFAULT="--max-steps 5"; N_JPEG=300; WORKERS=2
   STUDY="--epochs 1 --seeds 0 --arms none linear-0.6 --blrs 1.5e-3"; CURVE_EPOCHS=${CURVE_EPOCHS:-2}
   CURVE_EVERY=${CURVE_EVERY:-1}; CAP=${CAP-"--max-steps 3"}  # CAP= lets a run meet the time limit (its Ctrl-C save)
-  PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"
+  PROBE="--n-train 300 --n-test 200"; RANK="--n 256 --n-tokens 32"; LEVER_MODEL="--model vit_p4_32 --steps 2"
 else
   BENCH="--model vit_b16 --batch-size 256 --steps 30"; DEFAULT=""; N_JPEG=8192; WORKERS=16
   STUDY="--epochs 2"
-  PROBE=""; RANK=""; CAP=""
+  PROBE=""; RANK=""; CAP=""; LEVER_MODEL="--model vit_b16 --steps 30"
 fi
 
 if want bench; then
@@ -129,8 +129,8 @@ if want levers; then  # not in `all`: max-autotune compiles ViT-B/16 for minutes
 for LEVER in "--batch-size 512" "--batch-size 256 --compile-mode max-autotune" \
              "--batch-size 512 --compile-mode reduce-overhead"; do  # the cheapest first
   [ "$(left)" -ge 90 ] || { echo "levers: BUDGET_S spent, not run: $LEVER"; continue; }
-  stamp "levers: vit_b16 compiled, $LEVER"
-  timeout $(upto 280) $PY bench.py --compile --model vit_b16 --steps 30 $LEVER
+  stamp "levers: compiled, $LEVER_MODEL $LEVER"
+  timeout $(upto 280) $PY bench.py --compile $LEVER_MODEL $LEVER
 done
 fi
 

@@ -69,9 +69,9 @@ def check_alphas(ckpt):
     now = encoder_alphas(cfg["depth"], cfg["alpha_schedule"], cfg["alpha_min"])
     for k, (then, today) in enumerate(zip(ckpt.get("alphas", now), now)):
         if not math.isclose(then, today, rel_tol=1e-9):
-            d = next((d for d in range(4, 17) if f"{then:.{d}f}" != f"{today:.{d}f}"), 17)  # enough digits to differ
-            raise ValueError(f"trained with alpha schedule {cfg['alpha_schedule']!r} giving {then:.{d}f} at sub-layer {k}, "
-                             f"but alpha() now gives {today:.{d}f}: restore alpha(), or give the edited schedule its own "
+            d = next(d for d in range(4, 18) if f"{then:.{d}g}" != f"{today:.{d}g}")  # enough digits to differ
+            raise ValueError(f"trained with alpha schedule {cfg['alpha_schedule']!r} giving {then:.{d}g} at sub-layer {k}, "
+                             f"but alpha() now gives {today:.{d}g}: restore alpha(), or give the edited schedule its own "
                              "name in SCHEDULES")
 
 

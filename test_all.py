@@ -2689,6 +2689,10 @@ def test_spread_over_seeds_by_hand(tmp_path):
         (tmp_path / seed_dir / "curve.json").write_text(json.dumps({"seed": 0, "epochs": 10}))
     twice = call("results/spread.py", "--dirs", tmp_path / "s0", tmp_path / "s1", "--arms", "a", "--out", tmp_path, check=False)
     assert twice.returncode == 2 and "two curves of the same seed" in twice.stderr
+    typo = call("results/spread.py", "--dirs", tmp_path / "s9", check=False)  # --out defaults to the first of --dirs
+    assert typo.returncode == 2 and not (tmp_path / "s9").exists()  # a refused call leaves no folder behind
+    call("results/spread.py", "--dirs", tmp_path / "s0", "--arms", "a", "--out", tmp_path / "new")
+    assert (tmp_path / "new" / "spread.md").exists()
 
 
 def test_overview_reads_each_setting_by_hand(tmp_path):

@@ -113,6 +113,7 @@ def schedule_scales(out, depth=12, alpha_mins=(0.6, 0.8)):
               title="the same training as the residual encoder with these lrs (AdamW)")
     left.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
     save_figure(fig, os.path.join(out, "scales.png"))
 
 
@@ -125,7 +126,6 @@ def main():
     p.add_argument("--scales", action="store_true",
                    help="print and draw (scales.png in --out) every schedule's alphas and lr multipliers, train nothing")
     args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     if args.scales:
         return schedule_scales(args.out)
     folders = {form: os.path.join(args.out, form.replace(" ", "_")) for form in FORMS}

@@ -62,7 +62,6 @@ def main():
     p.add_argument("--out", help="folder for spread.json and spread.md (default: the first of --dirs)")
     args = p.parse_args()
     args.out = args.out or args.dirs[0]
-    os.makedirs(args.out, exist_ok=True)
     check_dirs(args.dirs)
     table = spread(args.dirs, args.arms, args.epoch)
     if not table:
@@ -70,6 +69,7 @@ def main():
               file=sys.stderr)
         sys.exit(2)
     text = markdown(table, args.epoch)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "spread.json"), "w") as f:
         json.dump({"epoch": args.epoch, "dirs": [os.path.relpath(d, args.out) for d in args.dirs], "table": table}, f, indent=1)
     with open(os.path.join(args.out, "spread.md"), "w") as f:

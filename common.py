@@ -279,6 +279,8 @@ def save_atomic(obj, path, write=None):
 
 
 def save_bytes(data, path):
+    """An output file, written atomically, its folder made if need be (a results script's new --out)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_atomic(data, path, write=lambda data, f: f.write(data))
 
 
@@ -436,7 +438,6 @@ def note_if_replacing(path, checkpoints):
 
 def save_json(path, report):
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_bytes(json.dumps(report, indent=1).encode(), path)
     except OSError as e:
         fail(str(e) if e.strerror is None else f"could not write {path} ({e.strerror})")

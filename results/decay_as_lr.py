@@ -113,7 +113,6 @@ def schedule_scales(out, depth=12, alpha_mins=(0.6, 0.8)):
               title="the same training as the residual encoder with these lrs (AdamW)")
     left.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    os.makedirs(out, exist_ok=True)
     save_figure(fig, os.path.join(out, "scales.png"))
 
 

@@ -20,7 +20,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from study import blr_tag, gap, verdict  # noqa: E402  (it puts the repo on the path)
-from common import fail, pyplot, save_figure  # noqa: E402
+from common import fail, pyplot, save_bytes, save_figure, save_json  # noqa: E402
 
 MIDDLE, TOP = (5, 6, 7, 8), (10, 11, 12)
 MEASURES = ("fall", "peak", "top_minus_middle")
@@ -167,12 +167,9 @@ def main():
     rows = collect(args.root)
     if not rows:
         fail(f"no setting has probe JSON of both arms under {args.root}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "depth.json"), "w") as f:
-        json.dump({label: {"arms": table, "reading": call} for label, _, _, table, call in rows}, f, indent=1)
+    save_json(os.path.join(args.out, "depth.json"), {label: {"arms": table, "reading": call} for label, _, _, table, call in rows})
     text = markdown(rows)
-    with open(os.path.join(args.out, "depth.md"), "w") as f:
-        f.write(text)
+    save_bytes(text.encode(), os.path.join(args.out, "depth.md"))
     figure(rows, args.out)
     print(text)
 

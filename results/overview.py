@@ -14,7 +14,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from common import pyplot, save_figure  # noqa: E402
+from common import pyplot, save_bytes, save_figure  # noqa: E402
 from study import verdict  # noqa: E402
 
 SETTINGS = [  # label, summary (under results/), baseline arm, decayed arm, epoch (a curve.json's checkpoint)
@@ -98,9 +98,7 @@ def main():
     if not rows:
         print(f"overview.py: no summary under {args.root} holds both arms of any setting", file=sys.stderr)
         sys.exit(2)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "overview.md"), "w") as f:
-        f.write(markdown(rows) + "\n")
+    save_bytes((markdown(rows) + "\n").encode(), os.path.join(args.out, "overview.md"))
     figure(rows, args.out)
     print(markdown(rows))
 

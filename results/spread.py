@@ -14,7 +14,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from study import METRICS, read_run, seed_stats, stats_cells, verdict  # noqa: E402  (it puts the repo on the path)
-from common import fail  # noqa: E402
+from common import fail, save_bytes, save_json  # noqa: E402
 
 CURVE = os.path.join(HERE, "curve_glyphs_cpu_noskips")
 
@@ -69,11 +69,9 @@ def main():
               file=sys.stderr)
         sys.exit(2)
     text = markdown(table, args.epoch)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "spread.json"), "w") as f:
-        json.dump({"epoch": args.epoch, "dirs": [os.path.relpath(d, args.out) for d in args.dirs], "table": table}, f, indent=1)
-    with open(os.path.join(args.out, "spread.md"), "w") as f:
-        f.write(text + "\n")
+    save_json(os.path.join(args.out, "spread.json"),
+              {"epoch": args.epoch, "dirs": [os.path.relpath(d, args.out) for d in args.dirs], "table": table})
+    save_bytes((text + "\n").encode(), os.path.join(args.out, "spread.md"))
     print(text)
 
 

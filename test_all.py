@@ -2718,6 +2718,28 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
     assert empty.returncode == 2 and len(empty.stderr.splitlines()) == 1 and "no summary" in empty.stderr
 
 
+def test_gaps_subtract_the_arms_at_shared_checkpoints(tmp_path):
+    """Decay minus baseline at the epochs both arms reached (epoch 4, baseline only, is left out), each gap marked
+    within spread when inside twice the larger of the two arms' stds, all worked by hand."""
+    point = lambda epoch, lp, knn_last, knn_best, rank: {"epoch": epoch, "lp_best": lp, "knn_last": knn_last,
+                                                         "knn_best": knn_best, "erank_last": rank}
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "curve.json").write_text(json.dumps({"curves": {
+        "none": [point(2, 70.0, 50.0, 55.0, 15.0), point(4, 1.0, 1.0, 1.0, 1.0)],
+        "linear-0.8": [point(2, 60.0, 52.0, 54.0, 5.0)]}}))
+    std = lambda lp, knn_last, knn_best, rank: {"lp_best": [0, lp], "knn_last": [0, knn_last], "knn_best": [0, knn_best],
+                                                "erank_last": [0, rank]}
+    (tmp_path / "spread.json").write_text(json.dumps({"table": {"none": std(2.0, 1.0, 3.0, 1.0),
+                                                                "linear-0.8": std(1.0, 1.5, 1.0, 0.5)}}))
+    result = call("results/gaps.py", "--curves", f"my curve={tmp_path / 'c'}", "--spread", tmp_path / "spread.json",
+                  "--out", tmp_path / "new")  # bands: 4, 3, 6, 2
+    rows = [line for line in (tmp_path / "new" / "gaps.md").read_text().splitlines() if line.startswith("| my curve")]
+    assert rows == ["| my curve | 2 | -10.0 | +2.0 (within) | -1.0 (within) | -10.0 |"] and rows[0] in result.stdout
+    for bad in ("no label", f"x={tmp_path / 'nowhere'}"):
+        refused = call("results/gaps.py", "--curves", bad, "--out", tmp_path / "refused", check=False)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1 and not (tmp_path / "refused").exists()
+
+
 def test_decay_as_lr_scales_print_each_schedules_multipliers(tmp_path):
     """--scales trains nothing and prints, per schedule, the last branch's lr multiplier 1 / prod(alpha_k) over
     the 24 sub-layers of 12 blocks: for linear to 0.6 the paper's alphas 1 - 0.4 k / 23 written out here (279.5),

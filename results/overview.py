@@ -22,6 +22,8 @@ SETTINGS = [  # label, summary (under results/), baseline arm, decayed arm, epoc
     ("10 CPU epochs, skips", "curve_glyphs_cpu/spread.json", "none", "linear-0.8", None),
     ("2 CPU epochs, no skips", "study_glyphs/study.json", "none-noskips", "linear-0.8-noskips", None),
     ("10 CPU epochs, no skips", "curve_glyphs_cpu_noskips/spread.json", "none-noskips", "linear-0.8-noskips", None),
+    ("25 of 200 CPU epochs, skips", "curve_glyphs_cpu_gpurecipe/curve.json", "none", "linear-0.8", 25),
+    ("25 of 200 GPU epochs, skips", "curve_glyphs_run2/curve.json", "none", "linear-0.8", 25),
     ("200 GPU epochs, skips", "curve_glyphs_run2/curve.json", "none", "linear-0.8", 200),
 ]
 SHOWN = {"lp_best": "LP best block", "knn_best": "k-NN best block", "erank_last": "eff. rank last"}
@@ -73,14 +75,14 @@ def markdown(rows):
 def figure(rows, out):
     if (plt := pyplot()) is None:
         return
-    fig, axes = plt.subplots(1, len(SHOWN), figsize=(6 * len(SHOWN), 4.2))
+    fig, axes = plt.subplots(1, len(SHOWN), figsize=(max(6, 1.1 * len(rows)) * len(SHOWN), 4.6))
     x = range(len(rows))
     for ax, (key, title) in zip(axes, SHOWN.items()):
         for side, name, shift in ((0, "residual (none)", -0.2), (1, "decay to 0.8 (linear-0.8)", 0.2)):
             stats = [list(pair.values())[side] for _, pair in rows]
             ax.bar([i + shift for i in x], [s[key][0] for s in stats], 0.4, yerr=[s[key][1] if s["seeds"] > 1 else float("nan") for s in stats],
                    capsize=3, label=name)
-        ax.set_xticks(list(x), [label.replace(", ", "\n") + f"\n{seeds(pair)} seed{'s' * (seeds(pair) > 1)}"
+        ax.set_xticks(list(x), [label.replace(", ", "\n").replace(" epochs", "\nepochs") + f"\n{seeds(pair)} seed{'s' * (seeds(pair) > 1)}"
                                 for label, pair in rows], fontsize=8)
         ax.set_title(title + (" (%)" if key != "erank_last" else " (the paper: lower = more abstract)"))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=9)

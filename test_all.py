@@ -2720,24 +2720,37 @@ def test_overview_reads_each_setting_by_hand(tmp_path):
 
 def test_gaps_subtract_the_arms_at_shared_checkpoints(tmp_path):
     """Decay minus baseline at the epochs both arms reached (epoch 4, baseline only, is left out), each gap marked
-    within spread when inside twice the larger of the two arms' stds, all worked by hand."""
+    within spread when inside twice the larger of the two arms' stds (on the band itself too), all worked by hand.
+    Each gap lies between the band of the larger std and that of the smaller one, so a band from either arm alone
+    or from the smaller std reads otherwise."""
     point = lambda epoch, lp, knn_last, knn_best, rank: {"epoch": epoch, "lp_best": lp, "knn_last": knn_last,
                                                          "knn_best": knn_best, "erank_last": rank}
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "curve.json").write_text(json.dumps({"curves": {
         "none": [point(2, 70.0, 50.0, 55.0, 15.0), point(4, 1.0, 1.0, 1.0, 1.0)],
-        "linear-0.8": [point(2, 60.0, 52.0, 54.0, 5.0)]}}))
+        "linear-0.8": [point(2, 67.0, 52.5, 61.0, 13.5)]}}))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "curve.json").write_text(json.dumps({"curves": {"none": [point(2, 1.0, 1.0, 1.0, 1.0)]}}))
     std = lambda lp, knn_last, knn_best, rank: {"lp_best": [0, lp], "knn_last": [0, knn_last], "knn_best": [0, knn_best],
                                                 "erank_last": [0, rank]}
-    (tmp_path / "spread.json").write_text(json.dumps({"table": {"none": std(2.0, 1.0, 3.0, 1.0),
-                                                                "linear-0.8": std(1.0, 1.5, 1.0, 0.5)}}))
+    (tmp_path / "spread.json").write_text(json.dumps({"table": {"none": std(2.0, 1.0, 3.0, 0.5),
+                                                                "linear-0.8": std(1.0, 1.5, 1.0, 1.0)}}))
     result = call("results/gaps.py", "--curves", f"my curve={tmp_path / 'c'}", "--spread", tmp_path / "spread.json",
-                  "--out", tmp_path / "new")  # bands: 4, 3, 6, 2
+                  "--out", tmp_path / "new")  # bands 4, 3, 6, 2; the smaller std's 2, 2, 2, 1
     rows = [line for line in (tmp_path / "new" / "gaps.md").read_text().splitlines() if line.startswith("| my curve")]
-    assert rows == ["| my curve | 2 | -10.0 | +2.0 (within) | -1.0 (within) | -10.0 |"] and rows[0] in result.stdout
-    for bad in ("no label", f"x={tmp_path / 'nowhere'}"):
-        refused = call("results/gaps.py", "--curves", bad, "--out", tmp_path / "refused", check=False)
-        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1 and not (tmp_path / "refused").exists()
+    assert rows == ["| my curve | 2 | -3.0 (within) | +2.5 (within) | +6.0 (within) | -1.5 (within) |"]
+    assert rows[0] in result.stdout
+    (tmp_path / "wide.json").write_text(json.dumps({"table": {"none": std(1.0, 1.0, 2.9, 0.5),
+                                                              "linear-0.8": std(1.0, 1.0, 1.0, 0.5)}}))
+    call("results/gaps.py", "--curves", f"my curve={tmp_path / 'c'}", "--spread", tmp_path / "wide.json", "--out", tmp_path / "w")
+    assert "| my curve | 2 | -3.0 | +2.5 | +6.0 | -1.5 |" in (tmp_path / "w" / "gaps.md").read_text()  # bands 2, 2, 5.8, 1
+    spread = ["--spread", tmp_path / "spread.json"]
+    for bad in (["--curves", "no label"], ["--curves", f"x={tmp_path / 'nowhere'}"], ["--curves", f"x={tmp_path / 'half'}"],
+                ["--curves", f"x={tmp_path / 'c'}", f"x={tmp_path / 'c'}"], ["--curves", f"x={tmp_path / 'c'}", "--spread", tmp_path / "no.json"],
+                ["--curves", f"x={tmp_path / 'c'}", "--arms", "none", "linear-0.6"],
+                ["--curves", f"x={tmp_path / 'c'}", "--spread", tmp_path / "c" / "curve.json"]):  # no spread table
+        refused = call("results/gaps.py", *spread, *bad, "--out", tmp_path / "refused", check=False)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1 and not (tmp_path / "refused").exists(), bad
 
 
 def test_decay_as_lr_scales_print_each_schedules_multipliers(tmp_path):

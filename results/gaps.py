@@ -33,9 +33,8 @@ def gaps(summary, base, decayed):
     return {e: {k: points[decayed][e][k] - points[base][e][k] for k in SHOWN} for e in shared}
 
 
-def yardstick(spread, base, decayed):
-    """{metric: twice the larger of the two arms' population stds}."""
-    table = spread["table"]
+def yardstick(table, base, decayed):
+    """{metric: twice the larger of the two arms' population stds}, from a spread.json's table."""
     return {k: 2 * max(table[base][k][1], table[decayed][k][1]) for k in SHOWN}
 
 
@@ -80,17 +79,22 @@ def main():
     found = {}
     for pair in args.curves:
         label, sep, folder = pair.rpartition("=")
-        if not sep:
-            fail(f"--curves takes LABEL=FOLDER, got {pair!r}")
+        if not label or label in found:
+            fail(f"--curves takes LABEL=FOLDER with a label of its own for each curve, got {pair!r}")
         path = os.path.join(HERE, folder, "curve.json")
         if not os.path.exists(path):
             fail(f"no curve.json in {os.path.join(HERE, folder)}")
         with open(path) as f:
             found[label] = gaps(json.load(f), base, decayed)
-    if not any(found.values()):
-        fail(f"no curve holds a checkpoint of both {base} and {decayed}")
+        if not found[label]:
+            fail(f"{path} holds no checkpoint that both {base} and {decayed} reached")
+    if not os.path.exists(args.spread):
+        fail(f"no spread file {args.spread} (results/spread.py writes one)")
     with open(args.spread) as f:
-        band = yardstick(json.load(f), base, decayed)
+        table = json.load(f).get("table", {})
+    if base not in table or decayed not in table:
+        fail(f"{args.spread} holds no spread of both {base} and {decayed}")
+    band = yardstick(table, base, decayed)
     table = markdown(found, band, base, decayed)
     save_bytes((table + "\n").encode(), os.path.join(args.out, "gaps.md"))
     figure(found, band, base, decayed, args.out)

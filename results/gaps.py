@@ -14,7 +14,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from study import spread_band  # noqa: E402  (it puts the repository root on the path)
 from common import fail, pyplot, save_bytes, save_figure  # noqa: E402
 
 CURVES = [  # label=folder under results/, each a curve.json of none and linear-0.8
@@ -34,8 +35,8 @@ def gaps(summary, base, decayed):
 
 
 def yardstick(table, base, decayed):
-    """{metric: twice the larger of the two arms' population stds}, from a spread.json's table."""
-    return {k: 2 * max(table[base][k][1], table[decayed][k][1]) for k in SHOWN}
+    """{metric: the band a gap must leave to count (study.spread_band)}, from a spread.json's table."""
+    return {k: spread_band(table[base][k][1], table[decayed][k][1]) for k in SHOWN}
 
 
 def markdown(found, band, base, decayed):

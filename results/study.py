@@ -246,13 +246,18 @@ def summarise(rows, arms, seed):
     return table
 
 
+def spread_band(std_a, std_b):
+    """The protocol's reading: a gap is a difference only beyond twice the larger of the two seed spreads."""
+    return 2 * max(std_a, std_b)
+
+
 def gap(table, a, b, key):
-    """(a minus b in key, whether that is a difference): one only beyond twice the larger seed spread (the
-    protocol's reading); None with fewer than two seeds on either side."""
+    """(a minus b in key, whether that is a difference, by spread_band); None with fewer than two seeds on either
+    side."""
     (mean_a, std_a), (mean_b, std_b) = table[a][key], table[b][key]
     if min(table[a]["seeds"], table[b]["seeds"]) < 2:
         return mean_a - mean_b, None
-    return mean_a - mean_b, abs(mean_a - mean_b) > 2 * max(std_a, std_b)
+    return mean_a - mean_b, abs(mean_a - mean_b) > spread_band(std_a, std_b)
 
 
 def verdict(table, a, b, key):

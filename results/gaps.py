@@ -21,6 +21,7 @@ from common import fail, pyplot, save_bytes, save_figure  # noqa: E402
 CURVES = [  # label=folder under results/, each a curve.json of none and linear-0.8
     "CPU, 10-epoch recipe (batch 128)=curve_glyphs_cpu",
     "CPU, the GPU's 200-epoch recipe (batch 256)=curve_glyphs_cpu_gpurecipe",
+    "CPU, the 200-epoch recipe at batch 128=curve_glyphs_cpu_long128",
     "H200, 200-epoch recipe (batch 256, bf16)=curve_glyphs_run2",
 ]
 SHOWN = {"lp_best": "LP best block", "knn_last": "k-NN last block", "knn_best": "k-NN best block",

@@ -22,7 +22,8 @@ SETTINGS = [  # label, summary (under results/), baseline arm, decayed arm, epoc
     ("10 CPU epochs, skips", "curve_glyphs_cpu/spread.json", "none", "linear-0.8", None),
     ("2 CPU epochs, no skips", "study_glyphs/study.json", "none-noskips", "linear-0.8-noskips", None),
     ("10 CPU epochs, no skips", "curve_glyphs_cpu_noskips/spread.json", "none-noskips", "linear-0.8-noskips", None),
-    ("25 of 200 CPU epochs, skips", "curve_glyphs_cpu_gpurecipe/curve.json", "none", "linear-0.8", 25),
+    ("20 of 200 CPU epochs, batch 128, skips", "curve_glyphs_cpu_long128/curve.json", "none", "linear-0.8", 20),
+    ("25 of 200 CPU epochs, batch 256, skips", "curve_glyphs_cpu_gpurecipe/curve.json", "none", "linear-0.8", 25),
     ("25 of 200 GPU epochs, skips", "curve_glyphs_run2/curve.json", "none", "linear-0.8", 25),
     ("200 GPU epochs, skips", "curve_glyphs_run2/curve.json", "none", "linear-0.8", 200),
 ]

@@ -172,7 +172,7 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "curve"))
     p.add_argument("--collect", action="store_true", help="only read the JSONs already in --out: curve.json and the figure")
     for stage in ("pretrain", "probe", "rank"):
-        p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string")
+        p.add_argument(f"--{stage}-args", default="", help=f"more flags for {stage}.py, in one quoted string (one flag alone: --{stage}-args=--flag)")
     args = p.parse_args()
     if args.epochs % args.every:  # pretrain.py keeps whole multiples of --keep-every: the last epoch would go unmeasured
         fail(f"--every {args.every} must divide --epochs {args.epochs}, so that the last epoch is kept and measured")

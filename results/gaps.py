@@ -80,7 +80,7 @@ def main():
     base, decayed = args.arms
     found = {}
     for pair in args.curves:
-        label, sep, folder = pair.rpartition("=")
+        label, _, folder = pair.rpartition("=")
         if not label or label in found:
             fail(f"--curves takes LABEL=FOLDER with a label of its own for each curve, got {pair!r}")
         path = os.path.join(HERE, folder, "curve.json")
